@@ -1,0 +1,106 @@
+"""Entry point: raw data -> dataset directory (+ item text embeddings).
+
+    python -m data_prep.prepare --config data_prep/configs/scientific.yaml [--output_dir ...]
+
+Reads one of the registered input formats (``LOADERS``), renders item text, writes the
+dataset directory atomically, then embeds item text (cached by encoder + text hash; a cache
+shipped beside the input files, e.g. the vendored ``data/scientific/embeddings``, is reused).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data_prep.dataset import RecDataset, check_no_leakage
+from data_prep.embed import DEFAULT_ENCODER, embed_items, embeddings_path, text_hash
+from data_prep.io import read_json
+from data_prep.loaders.lcrec import load_lcrec
+from data_prep.text import DEFAULT_TEMPLATE, render_item_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PrepareArgs:
+    format: str = field(default="lcrec", metadata={"help": "input format: one of data_prep.prepare.LOADERS"})
+    inter_path: str | None = field(default=None, metadata={"help": "interactions file (format-specific)"})
+    item_path: str | None = field(default=None, metadata={"help": "item catalogue file (optional for lcrec)"})
+    extra_paths: list[str] = field(default_factory=list,
+                                   metadata={"help": "format-specific extra inputs (e.g. MiniOneRec valid/test CSVs)"})
+    name: str | None = field(default=None, metadata={"help": "dataset name (default: from the file name)"})
+    output_dir: str = field(default="outputs/scientific/dataset", metadata={"help": "dataset directory to write"})
+    min_interactions: int = field(default=5, metadata={"help": "k for k-core filtering (raw/generic formats)"})
+    start_time: str | None = field(default=None, metadata={"help": "keep interactions at/after (ISO date)"})
+    end_time: str | None = field(default=None, metadata={"help": "keep interactions before (ISO date)"})
+    text_template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "item text template"})
+    max_description_chars: int = field(default=300, metadata={"help": "truncate descriptions"})
+    embed: bool = field(default=True, metadata={"help": "compute item text embeddings"})
+    encoder: str = field(default=DEFAULT_ENCODER, metadata={"help": "sentence-transformers id or path"})
+    embed_batch_size: int = 64
+    embedding_cache_dir: str | None = field(
+        default=None, metadata={"help": "directory whose embeddings/<encoder>.npy/.json may be reused "
+                                "when the text hash matches (default: the directory of inter_path)"})
+
+
+def _load_lcrec(args: PrepareArgs) -> RecDataset:
+    if args.inter_path is None:
+        raise ValueError("format lcrec needs inter_path (X.inter.json)")
+    return load_lcrec(args.inter_path, args.item_path, name=args.name)
+
+
+LOADERS: dict[str, Callable[[PrepareArgs], RecDataset]] = {"lcrec": _load_lcrec}
+
+
+def _reuse_cached_embeddings(args: PrepareArgs, out: Path, texts: list[str]) -> None:
+    """Copy a shipped embedding cache into the dataset dir when its text hash matches."""
+    if args.embedding_cache_dir is None and args.inter_path is None:
+        return
+    src = embeddings_path(args.embedding_cache_dir or Path(args.inter_path).parent, args.encoder)
+    if not (src.exists() and src.with_suffix(".json").exists()):
+        return
+    meta = read_json(src.with_suffix(".json"))
+    if meta.get("encoder") == args.encoder and meta.get("text_sha256") == text_hash(texts):
+        dst = embeddings_path(out, args.encoder)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        shutil.copyfile(src.with_suffix(".json"), dst.with_suffix(".json"))
+        logger.info("reused shipped embeddings %s", src)
+    else:
+        logger.info("shipped embeddings %s do not match this item text; recomputing", src)
+
+
+def prepare(args: PrepareArgs) -> RecDataset:
+    if args.format not in LOADERS:
+        raise ValueError(f"unknown format {args.format!r}; choose one of {sorted(LOADERS)}")
+    ds = LOADERS[args.format](args)
+    for it in ds.items:
+        it.text = render_item_text(it, args.text_template, args.max_description_chars)
+    check_no_leakage(ds)
+    out = Path(args.output_dir)
+    ds.save(out, extra_meta={"text_template": args.text_template,
+                             "max_description_chars": args.max_description_chars})
+    logger.info("wrote %s: %s", out, ds.counts())
+    if args.embed:
+        texts = [it.text for it in ds.items]
+        if not any(texts):
+            logger.warning("no item text (interactions-only data): skipping embeddings")
+        else:
+            _reuse_cached_embeddings(args, out, texts)
+            embed_items(out, texts, args.encoder, batch_size=args.embed_batch_size)
+    return ds
+
+
+def main() -> None:
+    from trl import TrlParser
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    (args,) = TrlParser((PrepareArgs,)).parse_args_and_config()
+    prepare(args)
+
+
+if __name__ == "__main__":
+    main()

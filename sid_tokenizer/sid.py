@@ -1,0 +1,165 @@
+"""The SID vocabulary: token strings per level, parsing/formatting, and the item <-> SID index.
+
+A SID is a fixed-length tuple of codes, one per level; level ``l`` code ``c`` is the token
+``<{prefix_l}_{c}>`` with prefixes ``a, b, c, d, ...`` (LC-Rec / MiniOneRec convention), e.g.
+``<a_12><b_5><c_77>``. ``index.json`` maps item id -> list of tokens, as LC-Rec and
+MiniOneRec write it.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.io import DataError, atomic_write_json, read_json
+
+LEVEL_PREFIXES = string.ascii_lowercase
+_TOKEN = re.compile(r"<([a-z])_(\d+)>")
+
+
+class SidFormatError(ValueError):
+    """A SID string or token that does not match the vocabulary."""
+
+
+@dataclass(frozen=True)
+class SidVocab:
+    """Codebook sizes per level, e.g. (256, 256, 256) -> tokens <a_0>..<c_255>."""
+
+    level_sizes: tuple[int, ...]
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.level_sizes)
+
+    def token(self, level: int, code: int) -> str:
+        if not 0 <= level < self.num_levels:
+            raise SidFormatError(f"level {level} out of range (SIDs have {self.num_levels} levels)")
+        if not 0 <= code < self.level_sizes[level]:
+            raise SidFormatError(f"code {code} out of range for level {LEVEL_PREFIXES[level]!r} "
+                                 f"(size {self.level_sizes[level]})")
+        return f"<{LEVEL_PREFIXES[level]}_{code}>"
+
+    def tokens(self) -> list[str]:
+        """All SID tokens, level by level (the strings to add to an LLM vocabulary)."""
+        return [f"<{LEVEL_PREFIXES[lv]}_{c}>" for lv, n in enumerate(self.level_sizes) for c in range(n)]
+
+    def format(self, codes) -> str:
+        codes = list(codes)
+        if len(codes) != self.num_levels:
+            raise SidFormatError(f"SID has {len(codes)} codes, expected {self.num_levels}")
+        return "".join(self.token(lv, int(c)) for lv, c in enumerate(codes))
+
+    def parse(self, sid: str | list[str]) -> tuple[int, ...]:
+        """``"<a_1><b_2><c_3>"`` or ``["<a_1>", "<b_2>", "<c_3>"]`` -> (1, 2, 3), validated."""
+        text = "".join(sid) if isinstance(sid, list | tuple) else str(sid)
+        text = text.strip()
+        matches = list(_TOKEN.finditer(text))
+        if not matches or "".join(m.group(0) for m in matches) != text:
+            raise SidFormatError(f"{text!r} is not a SID: expected tokens like <a_12><b_5><c_77>")
+        if len(matches) != self.num_levels:
+            raise SidFormatError(f"{text!r} has {len(matches)} tokens, expected {self.num_levels}")
+        codes = []
+        for lv, m in enumerate(matches):
+            if m.group(1) != LEVEL_PREFIXES[lv]:
+                raise SidFormatError(f"{text!r}: token {lv + 1} is {m.group(0)}, expected level "
+                                     f"{LEVEL_PREFIXES[lv]!r}")
+            code = int(m.group(2))
+            if code >= self.level_sizes[lv]:
+                raise SidFormatError(f"{text!r}: {m.group(0)} exceeds codebook size {self.level_sizes[lv]}")
+            codes.append(code)
+        return tuple(codes)
+
+    def find_all(self, text: str) -> list[tuple[int, ...]]:
+        """Every well-formed full SID inside free text (e.g. a chat prompt), in order."""
+        pattern = "".join(rf"<{LEVEL_PREFIXES[lv]}_(\d+)>" for lv in range(self.num_levels))
+        out = []
+        for m in re.finditer(pattern, text):
+            codes = tuple(int(g) for g in m.groups())
+            if all(c < n for c, n in zip(codes, self.level_sizes, strict=True)):
+                out.append(codes)
+        return out
+
+
+class SidIndex:
+    """Item id (dense int) <-> SID codes, with the item raw ids used in ``index.json``."""
+
+    def __init__(self, codes: np.ndarray, vocab: SidVocab, raw_ids: list[str] | None = None) -> None:
+        codes = np.asarray(codes, dtype=np.int64)
+        if codes.ndim != 2 or codes.shape[1] != vocab.num_levels:
+            raise ValueError(f"codes must have shape (items, {vocab.num_levels}), got {codes.shape}")
+        self.codes = codes
+        self.vocab = vocab
+        self.raw_ids = raw_ids if raw_ids is not None else [str(i) for i in range(len(codes))]
+        self._sid_to_items: dict[tuple[int, ...], list[int]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def sid(self, item_id: int) -> str:
+        return self.vocab.format(self.codes[item_id])
+
+    def sid_tokens(self, item_id: int) -> list[str]:
+        return [self.vocab.token(lv, int(c)) for lv, c in enumerate(self.codes[item_id])]
+
+    @property
+    def sid_to_items(self) -> dict[tuple[int, ...], list[int]]:
+        if self._sid_to_items is None:
+            m: dict[tuple[int, ...], list[int]] = {}
+            for i, row in enumerate(map(tuple, self.codes.tolist())):
+                m.setdefault(row, []).append(i)
+            self._sid_to_items = m
+        return self._sid_to_items
+
+    def items_for(self, sid: str | tuple[int, ...]) -> list[int]:
+        codes = self.vocab.parse(sid) if isinstance(sid, str) else tuple(sid)
+        return self.sid_to_items.get(codes, [])
+
+    def num_collisions(self) -> int:
+        """Items that share their SID with an earlier item."""
+        return len(self.codes) - len(self.sid_to_items)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_json(path, {r: self.sid_tokens(i) for i, r in enumerate(self.raw_ids)}, indent=None)
+
+    @classmethod
+    def load(cls, path: str | Path, raw_ids: list[str] | None = None,
+             level_sizes: tuple[int, ...] | None = None) -> SidIndex:
+        """Read an LC-Rec/MiniOneRec ``index.json`` (item id -> list of SID tokens).
+
+        With ``raw_ids`` (the catalogue's item ids in dense order) every catalogue item must
+        have an entry. Codebook sizes are inferred (max code + 1, rounded up to a power of
+        two) unless ``level_sizes`` is given.
+        """
+        raw = read_json(path)
+        if not isinstance(raw, dict) or not raw:
+            raise DataError(path, "expected a non-empty object of item id -> list of SID tokens")
+        keys = raw_ids if raw_ids is not None else sorted(raw, key=lambda k: (len(k), k))
+        parsed: list[list[int]] = []
+        num_levels = None
+        for key in keys:
+            if key not in raw:
+                raise DataError(path, "catalogue item has no SID in the index", key=key)
+            toks = raw[key]
+            if isinstance(toks, str):
+                toks = _TOKEN.findall(toks) and [m.group(0) for m in _TOKEN.finditer(toks)]
+            if not isinstance(toks, list) or not toks:
+                raise DataError(path, f"expected a list of SID tokens, got {raw[key]!r}", key=key)
+            row = []
+            for lv, t in enumerate(toks):
+                m = _TOKEN.fullmatch(str(t))
+                if m is None or m.group(1) != LEVEL_PREFIXES[lv]:
+                    raise DataError(path, f"token {lv + 1} is {t!r}, expected <{LEVEL_PREFIXES[lv]}_N>", key=key)
+                row.append(int(m.group(2)))
+            if num_levels is None:
+                num_levels = len(row)
+            elif len(row) != num_levels:
+                raise DataError(path, f"SID has {len(row)} levels, others have {num_levels}", key=key)
+            parsed.append(row)
+        codes = np.asarray(parsed, dtype=np.int64)
+        if level_sizes is None:
+            level_sizes = tuple(int(2 ** int(np.ceil(np.log2(max(int(m) + 1, 2))))) for m in codes.max(0))
+        return cls(codes, SidVocab(tuple(level_sizes)), raw_ids=list(keys))
