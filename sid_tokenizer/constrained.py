@@ -1,0 +1,71 @@
+"""Constrained decoding with transformers: every generated SID is a catalogue item.
+
+``SidLogitsProcessor`` masks the logits so that step ``t`` of a completion may only emit a
+level-``t`` SID token that extends a valid prefix in the ``SidTrie``; after a full SID only
+EOS is allowed. It keeps no state between calls: the trie position of every row is
+recomputed from the generated tokens (``input_ids[:, prompt_length:]``), so beam reordering,
+several ``generate`` calls and batch changes cannot desynchronise it (unlike a step counter
+shared between calls). Masking is a scatter of precomputed CSR index arrays: no per-token
+Python loop over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import LogitsProcessor
+
+from sid_tokenizer.trie import SidTrie
+
+
+class SidLogitsProcessor(LogitsProcessor):
+    def __init__(self, trie: SidTrie, level_token_ids: list[np.ndarray], prompt_length: int,
+                 eos_token_id: int | None, vocab_size: int | None = None) -> None:
+        """level_token_ids[l][c]: token id of code c at level l (``llm.sid_token_ids``).
+        prompt_length: width of the (left-padded) prompt batch passed to ``generate``."""
+        self.trie = trie
+        self.level_token_ids = [torch.as_tensor(t, dtype=torch.long) for t in level_token_ids]
+        self.prompt_length = prompt_length
+        self.eos_token_id = eos_token_id
+        n = vocab_size or int(max(int(t.max()) for t in level_token_ids) + 1)
+        # token id -> code at its level (-1 for non-SID tokens), one table per level
+        self.token_to_code = []
+        for ids in level_token_ids:
+            table = np.full(max(n, int(ids.max()) + 1), -1, dtype=np.int64)
+            table[ids] = np.arange(len(ids))
+            self.token_to_code.append(table)
+
+    def nodes_for(self, generated: np.ndarray) -> np.ndarray:
+        """generated: (B, t) token ids -> trie node ids at depth t (-1 if off the trie)."""
+        nodes = np.zeros(len(generated), dtype=np.int64)
+        for d in range(generated.shape[1]):
+            tok = generated[:, d]
+            table = self.token_to_code[d]
+            codes = np.where(tok < len(table), table[np.minimum(tok, len(table) - 1)], -1)
+            nodes = self.trie.step(d, nodes, codes)
+        return nodes
+
+    def allowed_mask(self, input_ids: torch.LongTensor, vocab_size: int) -> torch.Tensor:
+        """Bool (B, vocab_size): True where a token may follow."""
+        t = input_ids.shape[1] - self.prompt_length
+        batch = input_ids.shape[0]
+        mask = torch.zeros(batch, vocab_size, dtype=torch.bool, device=input_ids.device)
+        if t < 0:
+            raise ValueError(f"input is shorter ({input_ids.shape[1]}) than prompt_length {self.prompt_length}")
+        if t >= self.trie.num_levels:
+            if self.eos_token_id is not None:
+                mask[:, self.eos_token_id] = True
+            return mask
+        generated = input_ids[:, self.prompt_length:].cpu().numpy()
+        nodes = self.nodes_for(generated)
+        rows, codes = self.trie.allowed_pairs(t, nodes)
+        tok = self.level_token_ids[t][torch.from_numpy(codes)]
+        mask[torch.from_numpy(rows).to(mask.device), tok.to(mask.device)] = True
+        dead = torch.from_numpy(nodes < 0).to(mask.device)
+        if dead.any() and self.eos_token_id is not None:
+            mask[dead, self.eos_token_id] = True  # off-trie rows (cannot happen under the mask) end
+        return mask
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        mask = self.allowed_mask(input_ids, scores.shape[-1])
+        return scores.masked_fill(~mask, float("-inf"))
