@@ -15,11 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.dataset import RecDataset, check_no_leakage
+from data_prep.dataset import RecDataset
 from data_prep.embed import DEFAULT_ENCODER, embed_items, embeddings_path, text_hash
-from data_prep.io import read_json
+from data_prep.io import atomic_directory, read_json
+from data_prep.kcore import check_split
+from data_prep.loaders import amazon, generic, minionerec
 from data_prep.loaders.lcrec import load_lcrec
 from data_prep.text import DEFAULT_TEMPLATE, render_item_text
+from sid_tokenizer.sid import SidIndex
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +34,24 @@ class PrepareArgs:
     item_path: str | None = field(default=None, metadata={"help": "item catalogue file (optional for lcrec)"})
     extra_paths: list[str] = field(default_factory=list,
                                    metadata={"help": "format-specific extra inputs (e.g. MiniOneRec valid/test CSVs)"})
+    valid_csv: str | None = field(default=None, metadata={"help": "MiniOneRec valid CSV (format minionerec)"})
+    test_csv: str | None = field(default=None, metadata={"help": "MiniOneRec test CSV (format minionerec)"})
+    sid_index_path: str | None = field(
+        default=None, metadata={"help": "third-party SID index (item id -> SID tokens) to keep as sids/index.json "
+                                "(minionerec: defaults to X.index.json beside X.item.json)"})
     name: str | None = field(default=None, metadata={"help": "dataset name (default: from the file name)"})
     output_dir: str = field(default="outputs/scientific/dataset", metadata={"help": "dataset directory to write"})
     min_interactions: int = field(default=5, metadata={"help": "k for k-core filtering (raw/generic formats)"})
     start_time: str | None = field(default=None, metadata={"help": "keep interactions at/after (ISO date)"})
     end_time: str | None = field(default=None, metadata={"help": "keep interactions before (ISO date)"})
+    split: str = field(default="leave_one_out", metadata={"help": "amazon/generic: leave_one_out or temporal"})
+    valid_start: str | None = field(default=None, metadata={
+        "help": "temporal split: validation targets from this ISO time (default: 80% time quantile)"})
+    test_start: str | None = field(default=None, metadata={
+        "help": "temporal split: test targets from this ISO time (default: 90% time quantile)"})
+    events: list[str] = field(default_factory=list,
+                              metadata={"help": "generic: keep only these event types (empty: all)"})
+    min_rating: float | None = field(default=None, metadata={"help": "generic: keep ratings >= this"})
     text_template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "item text template"})
     max_description_chars: int = field(default=300, metadata={"help": "truncate descriptions"})
     embed: bool = field(default=True, metadata={"help": "compute item text embeddings"})
@@ -52,14 +68,21 @@ def _load_lcrec(args: PrepareArgs) -> RecDataset:
     return load_lcrec(args.inter_path, args.item_path, name=args.name)
 
 
-LOADERS: dict[str, Callable[[PrepareArgs], RecDataset]] = {"lcrec": _load_lcrec}
+LOADERS: dict[str, Callable[[PrepareArgs], RecDataset]] = {
+    "lcrec": _load_lcrec,
+    "minionerec": minionerec.load_from_args,
+    "amazon": amazon.load_from_args,
+    "generic": generic.load_from_args,
+}
 
 
-def _reuse_cached_embeddings(args: PrepareArgs, out: Path, texts: list[str]) -> None:
+def _reuse_cached_embeddings(args: PrepareArgs, out: Path, texts: list[str], cache_dir: Path | None = None) -> None:
     """Copy a shipped embedding cache into the dataset dir when its text hash matches."""
-    if args.embedding_cache_dir is None and args.inter_path is None:
-        return
-    src = embeddings_path(args.embedding_cache_dir or Path(args.inter_path).parent, args.encoder)
+    if cache_dir is None:
+        if args.embedding_cache_dir is None and args.inter_path is None:
+            return
+        cache_dir = Path(args.embedding_cache_dir or Path(args.inter_path).parent)
+    src = embeddings_path(cache_dir, args.encoder)
     if not (src.exists() and src.with_suffix(".json").exists()):
         return
     meta = read_json(src.with_suffix(".json"))
@@ -73,24 +96,42 @@ def _reuse_cached_embeddings(args: PrepareArgs, out: Path, texts: list[str]) -> 
         logger.info("shipped embeddings %s do not match this item text; recomputing", src)
 
 
-def prepare(args: PrepareArgs) -> RecDataset:
-    if args.format not in LOADERS:
-        raise ValueError(f"unknown format {args.format!r}; choose one of {sorted(LOADERS)}")
-    ds = LOADERS[args.format](args)
+def prepare(args: PrepareArgs, dataset: RecDataset | None = None) -> RecDataset:
+    """Load (or take ``dataset``, e.g. from ``generic.load_generic`` on a HF dataset), render item
+    text, check the split, and write the dataset directory with its SID index and embeddings.
+
+    Everything is staged in a temporary sibling directory that replaces ``output_dir`` only at the
+    end: a failure at any step leaves no partial directory (and an earlier good one unchanged).
+    """
+    if dataset is None:
+        if args.format not in LOADERS:
+            raise ValueError(f"unknown format {args.format!r}; choose one of {sorted(LOADERS)}")
+        dataset = LOADERS[args.format](args)
+    ds = dataset
     for it in ds.items:
         it.text = render_item_text(it, args.text_template, args.max_description_chars)
-    check_no_leakage(ds)
+    check_split(ds)
+    sid_source = ds.meta.get("sid_index_source") or args.sid_index_path
+    sid_index = None
+    if sid_source is not None:  # validated before anything is written
+        sid_index = SidIndex.load(sid_source, raw_ids=[it.raw_id for it in ds.items])
+        ds.meta.update(sid_index=minionerec.SID_INDEX_FILE, sid_index_source=str(sid_source))
     out = Path(args.output_dir)
-    ds.save(out, extra_meta={"text_template": args.text_template,
-                             "max_description_chars": args.max_description_chars})
+    with atomic_directory(out) as stage:
+        ds.save(stage, extra_meta={"text_template": args.text_template,
+                                   "max_description_chars": args.max_description_chars})
+        if sid_index is not None:
+            sid_index.save(stage / minionerec.SID_INDEX_FILE)
+        if args.embed:
+            texts = [it.text for it in ds.items]
+            if not any(texts):
+                logger.warning("no item text (interactions-only data): skipping embeddings")
+            else:
+                _reuse_cached_embeddings(args, stage, texts)
+                if out.exists():  # an earlier run into the same directory
+                    _reuse_cached_embeddings(args, stage, texts, cache_dir=out)
+                embed_items(stage, texts, args.encoder, batch_size=args.embed_batch_size)
     logger.info("wrote %s: %s", out, ds.counts())
-    if args.embed:
-        texts = [it.text for it in ds.items]
-        if not any(texts):
-            logger.warning("no item text (interactions-only data): skipping embeddings")
-        else:
-            _reuse_cached_embeddings(args, out, texts)
-            embed_items(out, texts, args.encoder, batch_size=args.embed_batch_size)
     return ds
 
 
