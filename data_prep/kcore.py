@@ -254,7 +254,7 @@ def build_dataset(
         )
 
     used = {x.item for xs in by_user.values() for x in xs}
-    stats["catalogue_items_without_interactions"] = len(catalogue) - len(used)
+    stats["catalogue_items_dropped"] = len(catalogue) - len(used)
     raw_items = sorted(used)
     dense = {r: d for d, r in enumerate(raw_items)}
     items = []

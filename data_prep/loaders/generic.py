@@ -279,6 +279,11 @@ def read_items(source: Source) -> tuple[dict[str, Item], str]:
         first_line[raw] = line
     if not items:
         raise DataError(table.label, "no items")
+    # Every item gets every extra column ("" where missing) so a text template naming one works.
+    extra_columns = [c for c in table.columns or [] if c not in ITEM_KNOWN]
+    extra_columns += sorted({k for it in items.values() for k in it.extra} - set(extra_columns))
+    for it in items.values():
+        it.extra = {c: it.extra.get(c, "") for c in extra_columns}
     return items, table.label
 
 
