@@ -57,9 +57,12 @@ class CsvRow:
 def _parse_list(path: Path, line: int, field: str, text: str) -> list:
     try:
         value = ast.literal_eval(text)  # literals only: never eval() file contents
-    except (ValueError, SyntaxError) as e:
+    except (ValueError, SyntaxError):
         raise DataError(
-            path, f"malformed list {text[:60]!r}: {e.__class__.__name__}", line=line, field=field
+            path,
+            f"malformed list {text[:60]!r}: expected a Python list literal such as [12, 7]",
+            line=line,
+            field=field,
         ) from None
     if not isinstance(value, list):
         raise DataError(path, f"expected a list, got {type(value).__name__}", line=line, field=field)
