@@ -39,8 +39,10 @@ class SidVocab:
         if not 0 <= level < self.num_levels:
             raise SidFormatError(f"level {level} out of range (SIDs have {self.num_levels} levels)")
         if not 0 <= code < self.level_sizes[level]:
-            raise SidFormatError(f"code {code} out of range for level {LEVEL_PREFIXES[level]!r} "
-                                 f"(size {self.level_sizes[level]})")
+            raise SidFormatError(
+                f"code {code} out of range for level {LEVEL_PREFIXES[level]!r} "
+                f"(size {self.level_sizes[level]})"
+            )
         return f"<{LEVEL_PREFIXES[level]}_{code}>"
 
     def tokens(self) -> list[str]:
@@ -65,8 +67,9 @@ class SidVocab:
         codes = []
         for lv, m in enumerate(matches):
             if m.group(1) != LEVEL_PREFIXES[lv]:
-                raise SidFormatError(f"{text!r}: token {lv + 1} is {m.group(0)}, expected level "
-                                     f"{LEVEL_PREFIXES[lv]!r}")
+                raise SidFormatError(
+                    f"{text!r}: token {lv + 1} is {m.group(0)}, expected level {LEVEL_PREFIXES[lv]!r}"
+                )
             code = int(m.group(2))
             if code >= self.level_sizes[lv]:
                 raise SidFormatError(f"{text!r}: {m.group(0)} exceeds codebook size {self.level_sizes[lv]}")
@@ -126,8 +129,9 @@ class SidIndex:
         atomic_write_json(path, {r: self.sid_tokens(i) for i, r in enumerate(self.raw_ids)}, indent=None)
 
     @classmethod
-    def load(cls, path: str | Path, raw_ids: list[str] | None = None,
-             level_sizes: tuple[int, ...] | None = None) -> SidIndex:
+    def load(
+        cls, path: str | Path, raw_ids: list[str] | None = None, level_sizes: tuple[int, ...] | None = None
+    ) -> SidIndex:
         """Read an LC-Rec/MiniOneRec ``index.json`` (item id -> list of SID tokens).
 
         With ``raw_ids`` (the catalogue's item ids in dense order) every catalogue item must
@@ -144,15 +148,18 @@ class SidIndex:
             if key not in raw:
                 raise DataError(path, "catalogue item has no SID in the index", key=key)
             toks = raw[key]
-            if isinstance(toks, str):
-                toks = _TOKEN.findall(toks) and [m.group(0) for m in _TOKEN.finditer(toks)]
+            if isinstance(toks, str):  # "<a_1><b_2>" instead of a list: split, rejecting other text
+                found = [m.group(0) for m in _TOKEN.finditer(toks)]
+                toks = found if "".join(found) == toks.strip() else None
             if not isinstance(toks, list) or not toks:
                 raise DataError(path, f"expected a list of SID tokens, got {raw[key]!r}", key=key)
             row = []
             for lv, t in enumerate(toks):
                 m = _TOKEN.fullmatch(str(t))
                 if m is None or m.group(1) != LEVEL_PREFIXES[lv]:
-                    raise DataError(path, f"token {lv + 1} is {t!r}, expected <{LEVEL_PREFIXES[lv]}_N>", key=key)
+                    raise DataError(
+                        path, f"token {lv + 1} is {t!r}, expected <{LEVEL_PREFIXES[lv]}_N>", key=key
+                    )
                 row.append(int(m.group(2)))
             if num_levels is None:
                 num_levels = len(row)
@@ -162,4 +169,16 @@ class SidIndex:
         codes = np.asarray(parsed, dtype=np.int64)
         if level_sizes is None:
             level_sizes = tuple(int(2 ** int(np.ceil(np.log2(max(int(m) + 1, 2))))) for m in codes.max(0))
+        elif len(level_sizes) != codes.shape[1]:
+            raise DataError(path, f"SIDs have {codes.shape[1]} levels, level_sizes gives {len(level_sizes)}")
+        else:
+            over = codes >= np.asarray(level_sizes)
+            if over.any():
+                row, lv = (int(v[0]) for v in np.nonzero(over))
+                raise DataError(
+                    path,
+                    f"code {codes[row, lv]} at level {LEVEL_PREFIXES[lv]!r} exceeds codebook "
+                    f"size {level_sizes[lv]}",
+                    key=keys[row],
+                )
         return cls(codes, SidVocab(tuple(level_sizes)), raw_ids=list(keys))
