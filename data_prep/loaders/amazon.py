@@ -35,6 +35,7 @@ import gzip
 import json
 import logging
 import os
+import sys
 import tempfile
 import urllib.request
 from collections.abc import Iterator
@@ -177,7 +178,7 @@ def _str_field(path: Path, line: int, rec: dict, name: str) -> str:
     value = rec[name]
     if isinstance(value, bool) or not isinstance(value, str | int) or str(value).strip() == "":
         raise DataError(path, f"expected a non-empty string id, got {value!r}", line=line, field=name)
-    return str(value).strip()
+    return sys.intern(str(value).strip())  # ids repeat on many lines: one string each
 
 
 def read_reviews(path: str | Path) -> tuple[list[Interaction], str]:

@@ -46,6 +46,7 @@ import gzip
 import io
 import json
 import logging
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,7 +196,7 @@ def _id(table: _Table, line: int, row: dict, name: str) -> str:
     text = str(value).strip()
     if not text:
         raise DataError(table.label, "empty id", line=line, field=name)
-    return text
+    return sys.intern(text)  # ids repeat on many rows: one string each
 
 
 def _text(table: _Table, line: int, row: dict, name: str) -> str:
