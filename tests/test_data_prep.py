@@ -17,7 +17,7 @@ from data_prep.kcore import FilterOptions, Interaction, check_split, kcore
 from data_prep.loaders.amazon import amazon_urls, category_name, load_amazon
 from data_prep.loaders.lcrec import load_lcrec
 from data_prep.loaders.minionerec import load_minionerec
-from data_prep.prepare import PrepareArgs, prepare
+from data_prep.prepare import LOADERS, PrepareArgs, prepare
 from sid_tokenizer.sid import SidIndex
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +68,32 @@ def test_dataset_dir_roundtrip(scientific: RecDataset, tmp_path: Path) -> None:
         "train.jsonl",
         "valid.jsonl",
     ]
+
+
+@pytest.mark.parametrize(
+    "config", sorted((ROOT / "data_prep" / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_configs_parse(config: Path) -> None:
+    from trl import TrlParser
+
+    (args,) = TrlParser((PrepareArgs,)).parse_args_and_config(args=["--config", str(config)])
+    assert args.format in LOADERS
+    if args.format in ("amazon", "generic"):
+        FilterOptions(
+            args.min_interactions,
+            args.start_time,
+            args.end_time,
+            args.split,
+            args.valid_start,
+            args.test_start,
+        )
+    for name in ("inter_path", "item_path", "valid_csv", "test_csv", "sid_index_path"):
+        value = getattr(args, name)
+        if value is None or value.startswith("raw/"):  # raw/: downloaded by the user first
+            continue
+        if value.startswith("../shared/") and not SHARED.exists():
+            continue
+        assert (ROOT / value).exists(), f"{config.name}: {name} {value} does not exist"
 
 
 def test_prepare_cli_scientific(tmp_path: Path) -> None:
