@@ -74,6 +74,9 @@ class BuildArgs:
     num_levels: int = 3
     codebook_size: int = 256
     seed: int = 42
+    num_threads: int | None = field(
+        default=None, metadata={"help": "faiss/torch CPU threads while fitting (default: theirs)"}
+    )
     collision_strategy: str = field(default="reassign", metadata={"help": f"one of {STRATEGIES}"})
     reroute: bool = field(
         default=True,

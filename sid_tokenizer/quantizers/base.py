@@ -13,8 +13,11 @@ Saved layout (``save(dir)``): ``quantizer.json`` (name, config, dims), ``codeboo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -35,6 +38,9 @@ class QuantizerConfig:
     num_levels: int = 3
     codebook_size: int = 256
     seed: int = 42
+    # CPU threads for faiss and torch while fitting (None: their defaults). On a shared,
+    # oversubscribed CPU one thread is often faster than spin-waiting OpenMP teams.
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_levels < 1:
@@ -87,6 +93,28 @@ def check_embeddings(x: np.ndarray, dim: int | None = None, what: str = "embeddi
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` faiss/torch CPU threads (no-op for None), then restore them."""
+    if n is None:
+        yield
+        return
+    import faiss
+
+    old_faiss = faiss.omp_get_max_threads()
+    torch = sys.modules.get("torch")
+    old_torch = torch.get_num_threads() if torch is not None else None
+    faiss.omp_set_num_threads(n)
+    if torch is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(old_faiss)
+        if torch is not None:
+            torch.set_num_threads(old_torch)
+
+
 class Quantizer:
     """Base class: subclasses set ``name``, ``config_cls`` and implement ``_fit``.
 
@@ -116,7 +144,8 @@ class Quantizer:
                 "use a smaller codebook"
             )
         self.input_dim = int(x.shape[1])
-        self._train_codes = self._fit(x)
+        with cpu_threads(self.config.num_threads):
+            self._train_codes = self._fit(x)
         return self
 
     def fit_encode(self, embeddings: np.ndarray) -> np.ndarray:

@@ -132,8 +132,9 @@ class ResidualVQ(nn.Module):
         decay = self.ema_decay
         k = self.codebooks.shape[1]
         for lv, r in enumerate(residuals):
-            counts = torch.bincount(codes[:, lv], minlength=k).to(r.dtype)
-            sums = torch.zeros_like(self.embed_sum[lv]).index_add_(0, codes[:, lv], r)
+            onehot = F.one_hot(codes[:, lv], k).to(r.dtype)  # (B, K); a matmul beats index_add_ on CPU
+            counts = onehot.sum(0)
+            sums = onehot.T @ r
             self.cluster_size[lv].mul_(decay).add_(counts, alpha=1 - decay)
             self.embed_sum[lv].mul_(decay).add_(sums, alpha=1 - decay)
             n = self.cluster_size[lv].sum()
