@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import math
+import numbers
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -87,8 +88,12 @@ def parse_time(
             key=key,
             field=field,
         )
+    if isinstance(value, _dt.datetime):  # e.g. a timestamp column typed by pandas / HF datasets
+        return (value if value.tzinfo else value.replace(tzinfo=_dt.UTC)).timestamp()
+    if isinstance(value, _dt.date):
+        return _dt.datetime(value.year, value.month, value.day, tzinfo=_dt.UTC).timestamp()
     number: float | None = None
-    if isinstance(value, int | float):
+    if isinstance(value, numbers.Real):  # int, float and numpy scalars
         number = float(value)
     elif isinstance(value, str):
         text = value.strip()

@@ -209,6 +209,29 @@ def test_huggingface_dataset_input(tmp_path: Path) -> None:
         load_generic(hf_items, bad)
 
 
+def test_pandas_dataframe_bom_and_typed_columns(tmp_path: Path) -> None:
+    pd = pytest.importorskip("pandas")
+    items, inters = small_shop()
+    ref = load_generic(items, inters, min_interactions=1)
+    frame = pd.DataFrame(inters)
+    frame["timestamp"] = [pd.Timestamp(parse_time(t, "x"), unit="s") for t in frame["timestamp"]]  # datetimes
+    frame["rating"] = frame["rating"].astype(float)
+    item_frame = pd.DataFrame(items).replace("", float("nan"))  # empty cells as NaN, as pandas reads them
+    ds = load_generic(item_frame, frame, min_interactions=1)
+    assert ds.sequences == ref.sequences and [it.raw_id for it in ds.items] == [it.raw_id for it in ref.items]
+    assert {it.raw_id: it.extra for it in ds.items} == {it.raw_id: it.extra for it in ref.items}
+    numeric = load_generic(
+        [{"item_id": n, "title": f"t{n}"} for n in range(3)],
+        [{"user_id": 7, "item_id": n, "timestamp": 1_700_000_000 + n} for n in range(3)],
+        min_interactions=1,
+    )
+    assert [it.raw_id for it in numeric.items] == ["0", "1", "2"] and numeric.user_raw_ids == ["7"]
+    bom = tmp_path / "items.csv"  # spreadsheet export with a byte-order mark
+    write_items(bom, items)
+    bom.write_bytes(b"\xef\xbb\xbf" + bom.read_bytes())
+    assert load_generic(bom, inters, min_interactions=1).sequences == ref.sequences
+
+
 def test_timestamps_seconds_ms_and_iso_agree() -> None:
     s = parse_time("1700000000", "f")
     assert s == parse_time(1_700_000_000_000, "f") == parse_time("2023-11-14T22:13:20Z", "f")

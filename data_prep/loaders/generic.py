@@ -26,7 +26,7 @@ sources) and the column: a missing required column, a duplicate item id, an item
 title, an interaction with an unknown item or an unparsable timestamp, a wrong type, an
 empty result after filtering.
 
-Python API (Hugging Face ``datasets`` or lists of dicts instead of files)::
+Python API (Hugging Face ``datasets``, pandas DataFrames or lists of dicts instead of files)::
 
     from datasets import load_dataset
     from data_prep.loaders.generic import load_generic
@@ -46,6 +46,8 @@ import gzip
 import io
 import json
 import logging
+import math
+import numbers
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -68,7 +70,7 @@ ITEM_KNOWN = (*ITEM_REQUIRED, "description", "brand", "categories")
 INTER_REQUIRED = ("user_id", "item_id", "timestamp")
 INTER_KNOWN = (*INTER_REQUIRED, "event", "rating")
 
-Source = str | Path | Any  # a path, a datasets.Dataset / DatasetDict, or a list of dicts
+Source = str | Path | Any  # a path, a datasets.Dataset / DatasetDict, a pandas DataFrame or a list of dicts
 
 
 class _Table:
@@ -92,9 +94,10 @@ class _Table:
 
 
 def _open_text(path: Path):
+    # utf-8-sig: spreadsheet exports start with a byte-order mark that would hide the first column name
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _csv_rows(path: Path, reader: csv.DictReader, fh: io.TextIOBase) -> Iterator[tuple[int, dict]]:
@@ -137,6 +140,13 @@ def open_table(source: Source, what: str) -> _Table:
         if kind in ("jsonl", "json", "ndjson"):
             return _Table(str(path), None, iter_jsonl(path))
         raise DataError(path, f"unknown file type {kind!r}: expected .csv, .tsv or .jsonl (optionally .gz)")
+    if hasattr(source, "to_dict") and hasattr(source, "columns"):  # a pandas DataFrame
+        columns = [str(c) for c in source.columns]
+        return _Table(
+            f"<DataFrame {what}>",
+            columns,
+            ((i, row) for i, row in enumerate(source.to_dict("records"), start=1)),
+        )
     import datasets  # only for in-memory sources: importing it takes a second
 
     if isinstance(source, datasets.DatasetDict):  # its splits are concatenated (the split is redone here)
@@ -179,6 +189,9 @@ def open_table(source: Source, what: str) -> _Table:
 
 
 def _missing(value: Any) -> bool:
+    """None, blank text, or NaN (how pandas and HF datasets represent an empty cell)."""
+    if isinstance(value, float):
+        return math.isnan(value)
     return value is None or (isinstance(value, str) and value.strip() == "")
 
 
@@ -186,14 +199,14 @@ def _id(table: _Table, line: int, row: dict, name: str) -> str:
     if name not in row:
         raise DataError(table.label, f"missing required field {name!r}", line=line, field=name)
     value = row[name]
-    if isinstance(value, bool) or not isinstance(value, str | int):
+    if isinstance(value, bool) or not isinstance(value, str | numbers.Integral):
         raise DataError(
             table.label,
             f"id {value!r} has type {type(value).__name__}: expected a string or an integer",
             line=line,
             field=name,
         )
-    text = str(value).strip()
+    text = str(int(value)) if isinstance(value, numbers.Integral) else value.strip()
     if not text:
         raise DataError(table.label, "empty id", line=line, field=name)
     return sys.intern(text)  # ids repeat on many rows: one string each
