@@ -192,3 +192,55 @@ class Catalogue:
 
 def copy_catalogue(src_checkpoint: str | Path, dst_checkpoint: str | Path) -> None:
     shutil.copytree(Path(src_checkpoint) / "sidrec", Path(dst_checkpoint) / "sidrec", dirs_exist_ok=True)
+
+
+def prepare_base_checkpoint(init_dir: str | Path, dataset: RecDataset, index: SidIndex,
+                            model_name_or_path: str | None, preset: str = "small", sid_init: str = "mean",
+                            seed: int = 0, trust_remote_code: bool = False, sid_dir: str | None = None,
+                            dataset_dir: str | None = None) -> Path:
+    """Create (once) the checkpoint training starts from: base model + SID tokens, resized.
+
+    ``model_name_or_path`` None or ``"default"`` builds the offline default (a Qwen2 model
+    with a catalogue-trained tokenizer, ``preset`` size); anything else is loaded with
+    transformers (HF id or local path). Written atomically, so a killed run never leaves a
+    half-saved base; a second call reuses it (this is what makes training resumable: SFTTrainer
+    does not resize embeddings itself).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data_prep.io import atomic_directory
+
+    init_dir = Path(init_dir)
+    if (init_dir / "sidrec" / "meta.json").exists():
+        logger.info("reusing base checkpoint %s", init_dir)
+        return init_dir
+    if model_name_or_path in (None, "", "default"):
+        model, tokenizer = build_default_model(dataset, preset=preset, seed=seed)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code,
+                                                     torch_dtype="auto")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = CHATML_TEMPLATE
+        tokenizer.add_tokens([REC_TOKEN], special_tokens=True)
+    add_sid_tokens(model, tokenizer, index.vocab, init=sid_init, seed=seed)
+    with atomic_directory(init_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_catalogue(tmp, dataset, index, sid_dir=sid_dir, dataset_dir=dataset_dir)
+    return init_dir
+
+
+def load_checkpoint(path: str | Path, device: str | None = None, dtype: torch.dtype | None = None):
+    """(model, tokenizer, Catalogue) from a sidrec checkpoint directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype or "auto")
+    if device:
+        model.to(device)
+    model.eval()
+    return model, tokenizer, Catalogue.load(path)

@@ -76,7 +76,9 @@ class SidTrie:
 
     def walk(self, prefixes: np.ndarray) -> np.ndarray:
         """prefixes: int array (B, d) of codes -> node ids at depth d (-1 where not a valid prefix)."""
-        prefixes = np.asarray(prefixes, dtype=np.int64).reshape(len(prefixes), -1)
+        prefixes = np.asarray(prefixes, dtype=np.int64)
+        if prefixes.ndim == 1:
+            prefixes = prefixes.reshape(len(prefixes), -1)
         nodes = np.zeros(len(prefixes), dtype=np.int64)
         for d in range(prefixes.shape[1]):
             nodes = self.step(d, nodes, prefixes[:, d])

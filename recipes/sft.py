@@ -1,0 +1,98 @@
+"""Supervised fine-tuning: a decoder-only LLM learns to read and write Semantic IDs.
+
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/sft.py --config recipes/configs/sft_scientific.yaml
+    python recipes/sft.py --config recipes/configs/sft_scientific.yaml --max_steps 50
+
+Parse -> base checkpoint with SID tokens (built once, reused on resume) -> task mixture ->
+SFTTrainer (with HR/NDCG from constrained beam search on validation users at each eval) ->
+train (resuming from the last checkpoint) -> save model, tokenizer and the catalogue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset
+from transformers.trainer_utils import get_last_checkpoint
+from trl import ModelConfig, SFTConfig, TrlParser, get_peft_config, get_quantization_config
+
+from data_prep.dataset import RecDataset
+from data_prep.tasks import build_mixture, eval_rows, tokenize_rows
+from eval.training import SidSFTTrainer, load_sid_dir, plot_training_curves, trainable_sid_rows_only
+from sid_tokenizer.llm import copy_catalogue, prepare_base_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SidSFTArgs:
+    dataset_dir: str = field(default="outputs/scientific/dataset", metadata={"help": "data_prep output"})
+    sid_dir: str = field(default="outputs/scientific/sid_rkmeans", metadata={"help": "sid_tokenizer output"})
+    model_preset: str = field(default="small", metadata={"help": "size of the offline default model"})
+    tasks: dict[str, float] = field(default_factory=lambda: {"seq2seq": 1.0}, metadata={
+        "help": "task -> weight (rows per source unit), see data_prep.tasks.TASKS"})
+    max_history: int = 20
+    include_valid_in_train: bool = field(default=False, metadata={
+        "help": "train on the validation targets too (final model for test; select steps first)"})
+    sid_embedding_init: str = field(default="mean", metadata={"help": "mean | random"})
+    train_only_sid_embeddings: bool = field(default=False, metadata={
+        "help": "freeze everything but the new SID token rows (MiniOneRec's option)"})
+    rank_eval_users: int = field(default=500, metadata={"help": "validation users ranked at each eval (0: off)"})
+    rank_eval_beams: int = 20
+    max_eval_loss_users: int = 2000
+    seed_data: int = 0
+
+
+def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelConfig) -> None:
+    dataset = RecDataset.load(script_args.dataset_dir)
+    index = load_sid_dir(script_args.sid_dir, dataset)
+    out = Path(training_args.output_dir)
+    base = prepare_base_checkpoint(
+        out / "base", dataset, index, model_args.model_name_or_path, preset=script_args.model_preset,
+        sid_init=script_args.sid_embedding_init, seed=training_args.seed,
+        sid_dir=script_args.sid_dir,
+        dataset_dir=script_args.dataset_dir)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    quantization_config = get_quantization_config(model_args)
+    model = AutoModelForCausalLM.from_pretrained(
+        base, dtype=model_args.dtype if model_args.dtype not in (None, "auto") else "auto",
+        attn_implementation=model_args.attn_implementation, quantization_config=quantization_config)
+    if script_args.train_only_sid_embeddings:
+        trainable_sid_rows_only(model, tokenizer, index.vocab)
+
+    rows = build_mixture(dataset, index, script_args.tasks, tokenizer, seed=script_args.seed_data,
+                         max_history=script_args.max_history, include_valid=script_args.include_valid_in_train)
+    train_ds = Dataset.from_dict(tokenize_rows(rows, tokenizer, training_args.max_length or 512))
+    valid = dataset.valid[: script_args.max_eval_loss_users]
+    eval_ds = Dataset.from_dict(tokenize_rows(eval_rows(dataset, index, valid, script_args.max_history),
+                                              tokenizer, training_args.max_length or 512))
+    logger.info("task mixture rows: %s", dict(Counter(r["task"] for r in rows)))
+
+    trainer = SidSFTTrainer(
+        model=model, args=training_args, train_dataset=train_ds.remove_columns("task"),
+        eval_dataset=eval_ds.remove_columns("task"), processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        rank_eval=(dataset, index, dataset.valid, script_args) if script_args.rank_eval_users > 0 else None)
+    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+    if last:
+        logger.info("resuming from %s", last)
+    trainer.train(resume_from_checkpoint=last)
+    final = out / "final"
+    trainer.save_model(str(final))
+    tokenizer.save_pretrained(final)
+    copy_catalogue(base, final)
+    plot_training_curves(trainer.state.log_history, out / "training_curves.png")
+    logger.info("saved %s", final)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = TrlParser((SidSFTArgs, SFTConfig, ModelConfig))
+    main(*parser.parse_args_and_config())
