@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from data_prep.dataset import Item, RecDataset, leave_one_out
+from eval.baselines import (
+    BASELINES,
+    Popularity,
+    RandomRecommender,
+    SASRec,
+    SASRecConfig,
+    build_baseline,
+    evaluate_recommender,
+    training_sequences,
+)
+from eval.baselines_main import BaselineArgs, run_baselines
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_dataset() -> RecDataset:
+    # leave-one-out: train = seq[:-2], valid target = seq[-2], test target = seq[-1]
+    sequences = [[0, 1, 2, 3], [1, 2, 0], [1, 3, 4, 2]]
+    train, valid, test = leave_one_out(sequences)
+    items = [Item(item_id=i, raw_id=f"i{i}") for i in range(6)]
+    return RecDataset(
+        name="tiny",
+        items=items,
+        sequences=sequences,
+        user_raw_ids=["a", "b", "c"],
+        train=train,
+        valid=valid,
+        test=test,
+    )
+
+
+def test_training_sequences_per_split():
+    ds = tiny_dataset()
+    assert training_sequences(ds, "valid") == [[0, 1], [1], [1, 3]]
+    # test may use everything before the test target: train + the validation targets
+    assert training_sequences(ds, "test") == [[0, 1, 2], [1, 2], [1, 3, 4]]
+    with pytest.raises(ValueError, match="split"):
+        training_sequences(ds, "train")
+
+
+def test_popularity_ranking_valid_uses_train_only():
+    ds = tiny_dataset()
+    pop = Popularity()
+    pop.fit(ds, "valid")
+    # counts 1:3, 0:1, 3:1 (ties -> lower id), then the unseen items 2, 4, 5
+    assert pop.rank([[0], [5]], 6) == [[1, 0, 3, 2, 4, 5]] * 2
+    res = evaluate_recommender(pop, ds, "valid", ks=(1, 3, 5))
+    # valid targets 2, 2, 4 sit at ranks 4, 4, 5
+    assert res["HR@3"] == 0.0
+    assert res["HR@5"] == pytest.approx(1.0)
+
+
+def test_popularity_ranking_test_counts_valid_targets():
+    ds = tiny_dataset()
+    pop = Popularity()
+    pop.fit(ds, "test")
+    assert pop.rank([[]], 6) == [[1, 2, 0, 3, 4, 5]]
+    res = evaluate_recommender(pop, ds, "test", ks=(1, 3))
+    # test targets 3, 0, 2 at ranks 4, 3, 2
+    assert res["HR@1"] == 0.0
+    assert res["HR@3"] == pytest.approx(2 / 3)
+    assert pop.info()["interactions_counted"] == 8
+
+
+def test_random_is_a_permutation_prefix():
+    ds = tiny_dataset()
+    rnd = RandomRecommender(seed=1)
+    rnd.fit(ds, "valid")
+    ranked = rnd.rank([[0], [1]], 10)
+    assert all(sorted(r) == list(range(6)) for r in ranked)
+
+
+def test_registry_builds_every_baseline():
+    for name in BASELINES:
+        assert hasattr(build_baseline(name), "rank")
+    with pytest.raises(ValueError, match="unknown baseline"):
+        build_baseline("bert4rec")
+    with pytest.raises(ValueError, match="loss"):
+        SASRec(SASRecConfig(loss="bpr"))
+
+
+def test_sasrec_ranks_full_catalogue_without_padding_or_history_filter():
+    ds = tiny_dataset()
+    model = SASRec(SASRecConfig(hidden_size=8, epochs=2, patience=5, max_len=3), seed=0)
+    model.fit(ds, "valid")
+    ranked = model.rank([[0, 1, 2, 3, 4], [], [5]], 6)
+    # all 6 catalogue items, no padding id (-1), history items included
+    assert all(sorted(r) == list(range(6)) for r in ranked)
+    assert model.info()["epochs_run"] == 2
+    model_retrain = SASRec(SASRecConfig(hidden_size=8, epochs=2, test_protocol="retrain"), seed=0)
+    model_retrain.fit(ds, "test")  # fits on valid first to pick the epoch count, then retrains
+    assert model_retrain.fitted_split == "test"
+
+
+def test_sasrec_beats_random_on_scientific():
+    ds = RecDataset.load(_scientific_dir())
+    torch.set_num_threads(2)
+    # lr above the default so that two epochs suffice for a clear signal
+    model = SASRec(SASRecConfig(epochs=2, lr=3e-3, batch_size=64), seed=0)
+    model.fit(ds, "valid")
+    res = evaluate_recommender(model, ds, "valid", ks=(10,))
+    random_hr10 = 10 / ds.num_items  # expectation of a uniform ranking: 0.0023
+    assert res["HR@10"] > 5 * random_hr10, res["HR@10"]
+    assert res["NDCG@10"] == pytest.approx(model.best_valid_ndcg10)
+
+
+def _scientific_dir() -> Path:
+    from data_prep.loaders.lcrec import load_lcrec
+
+    out = ROOT / "outputs" / "scientific" / "dataset"
+    if not (out / "meta.json").exists():
+        data = ROOT / "data" / "scientific"
+        load_lcrec(data / "Scientific.inter.json", data / "Scientific.item.json").save(out)
+    return out
+
+
+def test_baselines_main_writes_report(tmp_path):
+    ds_dir = tiny_dataset().save(tmp_path / "dataset")
+    args = BaselineArgs(
+        dataset_dir=str(ds_dir),
+        output_dir=str(tmp_path / "out"),
+        baselines=["random", "popularity", "sasrec"],
+        ks=[1, 3],
+        n_boot=50,
+        torch_threads=1,
+    )
+    results = run_baselines(args, SASRecConfig(hidden_size=8, epochs=1))
+    assert set(results) == {f"{m}/{s}" for m in ("random", "popularity", "sasrec") for s in ("valid", "test")}
+    report = json.loads((tmp_path / "out" / "baselines.json").read_text())
+    assert report["results"]["popularity/test"]["metrics"]["HR@3"]["value"] == pytest.approx(2 / 3)
+    assert report["meta"]["counts"]["users"] == 3
+    md = (tmp_path / "out" / "baselines.md").read_text()
+    assert "| popularity | 0.0000 [0.0000, 0.0000] |" in md
+    assert (tmp_path / "out" / "baselines.png").exists()
+    assert (tmp_path / "out" / "per_example" / "sasrec_test.npy").exists()
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "eval" / "configs").glob("*baselines*.yaml")), ids=lambda p: p.name
+)
+def test_shipped_configs_parse(path):
+    from trl import TrlParser
+
+    args, sasrec = TrlParser((BaselineArgs, SASRecConfig)).parse_yaml_file(str(path))
+    for name in args.baselines:
+        build_baseline(name, sasrec, args.seed)
+    assert set(args.splits) <= {"valid", "test"}
+    assert yaml.safe_load(path.read_text())["dataset_dir"] == args.dataset_dir
