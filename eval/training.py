@@ -120,3 +120,16 @@ def plot_training_curves(log_history: list[dict], path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def save_final_model(trainer, path: str | Path) -> None:
+    """Save a servable full model: LoRA adapters are merged (the adapter alone is kept in
+    ``<path>_adapter``), so evaluation, RL and vLLM load one plain checkpoint."""
+    path = Path(path)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload"):
+        trainer.save_model(str(path) + "_adapter")
+        model = model.merge_and_unload()
+        model.save_pretrained(path)
+    else:
+        trainer.save_model(str(path))

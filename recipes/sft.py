@@ -22,7 +22,13 @@ from trl import ModelConfig, SFTConfig, TrlParser, get_peft_config, get_quantiza
 
 from data_prep.dataset import RecDataset
 from data_prep.tasks import build_mixture, eval_rows, tokenize_rows
-from eval.training import SidSFTTrainer, load_sid_dir, plot_training_curves, trainable_sid_rows_only
+from eval.training import (
+    SidSFTTrainer,
+    load_sid_dir,
+    plot_training_curves,
+    save_final_model,
+    trainable_sid_rows_only,
+)
 from sid_tokenizer.llm import copy_catalogue, prepare_base_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -48,6 +54,10 @@ class SidSFTArgs:
 
 
 def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelConfig) -> None:
+    if script_args.rank_eval_users <= 0 and "@" in (training_args.metric_for_best_model or ""):
+        logger.warning("rank_eval_users=0: selecting checkpoints on eval_loss instead of %s",
+                       training_args.metric_for_best_model)
+        training_args.metric_for_best_model, training_args.greater_is_better = "eval_loss", False
     dataset = RecDataset.load(script_args.dataset_dir)
     index = load_sid_dir(script_args.sid_dir, dataset)
     out = Path(training_args.output_dir)
@@ -85,7 +95,7 @@ def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelCon
         logger.info("resuming from %s", last)
     trainer.train(resume_from_checkpoint=last)
     final = out / "final"
-    trainer.save_model(str(final))
+    save_final_model(trainer, final)
     tokenizer.save_pretrained(final)
     copy_catalogue(base, final)
     plot_training_curves(trainer.state.log_history, out / "training_curves.png")
