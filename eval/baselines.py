@@ -126,12 +126,18 @@ class SASRecConfig:
             "help": "ce: softmax over the full catalogue; bce: one uniform negative per position (original)"
         },
     )
-    lr: float = 1e-3
+    lr: float = field(
+        default=3e-3,
+        metadata={
+            "help": "Adam learning rate; 3e-3 reaches the 1e-3 plateau "
+            "(Scientific valid NDCG@10 ~0.067) in about half the epochs"
+        },
+    )
     weight_decay: float = 0.0
     batch_size: int = 128
     epochs: int = field(default=200, metadata={"help": "maximum training epochs"})
     patience: int = field(
-        default=10, metadata={"help": "stop after this many epochs without a better validation NDCG@10"}
+        default=5, metadata={"help": "stop after this many epochs without a better validation NDCG@10"}
     )
     eval_batch_size: int = 1024
     bf16: bool = field(
@@ -205,8 +211,8 @@ class _Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, l, h = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, l, 3, self.num_heads, h // self.num_heads).unbind(2)
+        b, n, h = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, n, 3, self.num_heads, h // self.num_heads).unbind(2)
         att = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -214,7 +220,7 @@ class _Block(nn.Module):
             is_causal=True,
             dropout_p=self.dropout if self.training else 0.0,
         )
-        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, l, h)))
+        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(b, n, h)))
         return x + self.drop(self.ffn(self.ln2(x)))
 
 
@@ -397,7 +403,14 @@ def build_baseline(name: str, sasrec: SASRecConfig | None = None, seed: int = 0)
 def evaluate_recommender(
     model: Recommender, dataset: RecDataset, split: str, ks: tuple[int, ...] | list[int]
 ) -> dict[str, Any]:
-    """Rank the full catalogue for every example of ``split`` and score it with `rank_metrics`."""
+    """Rank the full catalogue for every example of ``split`` and score it with `rank_metrics`.
+
+    Adds ``history_share``: the mean share of each top-``max(ks)`` list that repeats a history
+    item (history items are not filtered out; in the Amazon 5-core data no target is a repeat).
+    """
     exs = examples(dataset, split)
     ranked = model.rank([e.history for e in exs], max(ks))
-    return rank_metrics(singleton_groups(ranked), [e.target for e in exs], ks=ks)
+    res = rank_metrics(singleton_groups(ranked), [e.target for e in exs], ks=ks)
+    shares = [len(set(r) & set(e.history)) / len(r) if r else 0.0 for r, e in zip(ranked, exs, strict=True)]
+    res["history_share"] = float(np.mean(shares)) if shares else float("nan")
+    return res
