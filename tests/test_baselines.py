@@ -98,6 +98,9 @@ def test_sasrec_ranks_full_catalogue_without_padding_or_history_filter():
     # all 6 catalogue items, no padding id (-1), history items included
     assert all(sorted(r) == list(range(6)) for r in ranked)
     assert model.info()["epochs_run"] == 2
+    bce = SASRec(SASRecConfig(hidden_size=8, epochs=1, loss="bce"), seed=0)
+    bce.fit(ds, "valid")
+    assert all(sorted(r) == list(range(6)) for r in bce.rank([[1, 2]], 6))
     model_retrain = SASRec(SASRecConfig(hidden_size=8, epochs=2, test_protocol="retrain"), seed=0)
     model_retrain.fit(ds, "test")  # fits on valid first to pick the epoch count, then retrains
     assert model_retrain.fitted_split == "test"
