@@ -22,7 +22,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_prep.io import DataError, atomic_directory, atomic_write_json, atomic_write_jsonl, iter_jsonl, read_json
+from data_prep.io import (
+    DataError,
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_jsonl,
+    iter_jsonl,
+    read_json,
+)
 
 
 @dataclass

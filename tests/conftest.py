@@ -12,6 +12,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "datasets"
 
 
+def load_recipe(name: str):
+    """Import ``recipes/<name>.py`` (recipes are scripts, not a package) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_cmd(args: list[str], cwd: Path = ROOT, timeout: int = 1200) -> subprocess.CompletedProcess:
     """Run a project command; fail with its output when it fails."""
     proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
