@@ -1,0 +1,184 @@
+"""Full-catalogue ranking with vLLM: a step-wise beam search over SIDs on ``vllm.LLM``.
+
+vLLM's own beam search does not run logits processors (it issues plain one-token requests
+without ``extra_args``), so the top-K distinct catalogue items come from this loop instead:
+for level ``d = 0..L-1`` every live beam becomes one request ``prompt + beam prefix`` with
+``max_tokens=1`` and ``logprobs=K``; ``SidTrieLogitsProcessor`` (``sid_prefix_len=d``)
+masks the children that leave the trie and, with ``sid_logprobs=1``, writes the model's
+log-probabilities, which the engine reports unchanged under ``logprobs_mode="processed_logits"``.
+Each beam keeps its K best children; the K best of all candidates per prompt survive. This is
+the same search as ``eval.generate.sid_beam_search`` (the HF backend), so scores and
+beams match up to float noise; prefix caching makes the repeated prompts cheap.
+
+``VllmSidRanker`` has ``SidRanker``'s ``rank``/``to_item_groups`` interface, so
+``eval.generate.evaluate_examples`` scores it with the same metrics code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from eval.generate import Ranking
+from sid_tokenizer.llm import sid_token_ids
+from sid_tokenizer.sid import SidIndex
+from sid_tokenizer.trie import SidTrie
+from sid_tokenizer.vllm_processor import ENV_CHECKPOINT, SidTrieLogitsProcessor
+
+logger = logging.getLogger(__name__)
+
+# vLLM reports tokens masked to -inf as a large negative number; anything below is "not allowed".
+_MASKED = -1e4
+
+
+def load_vllm(
+    checkpoint: str | Path,
+    num_beams: int = 20,
+    dtype: str = "float32",
+    max_model_len: int = 1024,
+    max_num_seqs: int = 256,
+    kv_cache_gib: int = 1,
+    seed: int = 0,
+    enforce_eager: bool = True,
+    gpu_memory_utilization: float | None = None,
+    **engine_kwargs,
+):
+    """A ``vllm.LLM`` on a sidrec checkpoint, set up for ``VllmSidRanker``.
+
+    ``kv_cache_gib`` sets ``VLLM_CPU_KVCACHE_SPACE`` (CPU builds); ``gpu_memory_utilization``
+    is passed on GPU. The processor finds the catalogue through ``SIDREC_CHECKPOINT``.
+    """
+    from vllm import LLM
+
+    os.environ[ENV_CHECKPOINT] = str(checkpoint)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
+    kwargs = dict(
+        model=str(checkpoint),
+        dtype=dtype,
+        max_model_len=max_model_len,
+        max_num_seqs=max_num_seqs,
+        seed=seed,
+        enforce_eager=enforce_eager,
+        enable_prefix_caching=True,
+        logits_processors=[SidTrieLogitsProcessor],
+        logprobs_mode="processed_logits",
+        max_logprobs=max(20, num_beams),
+    )
+    if gpu_memory_utilization is not None:
+        kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    kwargs.update(engine_kwargs)
+    return LLM(**kwargs)
+
+
+class VllmSidRanker:
+    """Top-K SIDs per prompt with a ``vllm.LLM`` built by ``load_vllm`` (same API as ``SidRanker``)."""
+
+    def __init__(self, llm, tokenizer, index: SidIndex, trie: SidTrie | None = None) -> None:
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.index = index
+        self.trie = trie or SidTrie(index.codes, index.vocab.level_sizes)
+        self.num_levels = index.vocab.num_levels
+        self.level_token_ids = sid_token_ids(tokenizer, index.vocab)
+        n = max(len(tokenizer), int(max(t.max() for t in self.level_token_ids)) + 1)
+        self.token_to_code = []
+        for ids in self.level_token_ids:
+            table = np.full(n, -1, dtype=np.int64)
+            table[ids] = np.arange(len(ids))
+            self.token_to_code.append(table)
+
+    def rank(
+        self,
+        prompts: list[str],
+        num_beams: int = 20,
+        batch_size: int = 256,
+        constrained: bool = True,
+        progress: bool = True,
+        backend: str | None = None,
+    ) -> Ranking:
+        """Top ``num_beams`` SIDs per prompt, best first (``backend`` is accepted for
+        ``evaluate_examples`` compatibility and ignored). ``batch_size`` prompts go to the
+        engine together (times ``num_beams`` requests per level)."""
+        sids: list[list[tuple[int, ...] | None]] = []
+        scores: list[list[float]] = []
+        for start in tqdm(
+            range(0, len(prompts), batch_size), desc="vllm beam search", disable=not progress, leave=False
+        ):
+            s, sc = self._rank_batch(prompts[start : start + batch_size], num_beams, constrained)
+            sids += s
+            scores += sc
+        return Ranking(sids, scores)
+
+    def _rank_batch(self, prompts: list[str], k: int, constrained: bool):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        # beams[p]: list of (token prefix, cumulative log-probability), best first
+        beams: list[list[tuple[tuple[int, ...], float]]] = [[((), 0.0)] for _ in prompts]
+        for d in range(self.num_levels):
+            extra = {"sid_logprobs": 1}
+            if constrained:
+                extra.update(sid_constrained=1, sid_prefix_len=d)
+            params = SamplingParams(
+                max_tokens=1,
+                temperature=0.0,
+                logprobs=k,
+                detokenize=False,
+                skip_special_tokens=False,
+                extra_args=extra,
+            )
+            owners = [(p, b) for p, row in enumerate(beams) for b in range(len(row))]
+            requests = [
+                TokensPrompt(prompt_token_ids=prompt_ids[p] + list(beams[p][b][0])) for p, b in owners
+            ]
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            cands: list[list[tuple[float, int, int]]] = [[] for _ in prompts]
+            for (p, b), out in zip(owners, outputs, strict=True):
+                top = out.outputs[0].logprobs[0] if out.outputs[0].logprobs else {}
+                base = beams[p][b][1]
+                for tok, lp in top.items():
+                    v = lp.logprob
+                    if np.isfinite(v) and v > _MASKED:
+                        cands[p].append((base + v, b, tok))
+            new_beams = []
+            for p, cs in enumerate(cands):
+                cs.sort(key=lambda c: (-c[0], c[1], c[2]))
+                new_beams.append([(beams[p][b][0] + (tok,), s) for s, b, tok in cs[:k]])
+            beams = new_beams
+        all_sids, all_scores = [], []
+        for row in beams:
+            gen = np.asarray([b[0] for b in row], dtype=np.int64).reshape(len(row), self.num_levels)
+            codes = self.decode_codes(gen)
+            pad = k - len(row)
+            all_sids.append(codes + [None] * pad)
+            all_scores.append([b[1] for b in row] + [float("-inf")] * pad)
+        return all_sids, all_scores
+
+    def decode_codes(self, generated: np.ndarray) -> list[tuple[int, ...] | None]:
+        """(N, L) token ids -> SID code tuples where they form a catalogue SID, else None."""
+        if len(generated) == 0:
+            return []
+        codes = np.stack(
+            [
+                np.where(
+                    (generated[:, lv] >= 0) & (generated[:, lv] < len(t)),
+                    t[np.clip(generated[:, lv], 0, len(t) - 1)],
+                    -1,
+                )
+                for lv, t in enumerate(self.token_to_code)
+            ],
+            axis=1,
+        )
+        valid = (codes >= 0).all(1)
+        valid[valid] = self.trie.contains(codes[valid])
+        return [tuple(int(c) for c in row) if ok else None for row, ok in zip(codes, valid, strict=True)]
+
+    def to_item_groups(self, ranking: Ranking) -> list[list[list[int]]]:
+        """Ranked SIDs -> ranked groups of item ids ([] for an invalid SID)."""
+        m = self.index.sid_to_items
+        return [[m.get(s, []) if s is not None else [] for s in row] for row in ranking.sids]

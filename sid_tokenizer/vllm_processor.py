@@ -1,0 +1,630 @@
+"""SID-trie constrained decoding inside vLLM (V1 logits-processor interface), plus a prompt guard.
+
+Load it into a server or an offline engine::
+
+    python -m vllm.entrypoints.openai.api_server --model CKPT \\
+        --logits-processors sid_tokenizer.vllm_processor:SidTrieLogitsProcessor \\
+        --middleware sid_tokenizer.vllm_processor.sid_prompt_guard
+    LLM(model=CKPT, logits_processors=[SidTrieLogitsProcessor])
+
+The catalogue is ``<model>/sidrec/`` (``SIDREC_CHECKPOINT`` overrides the directory). The
+processor does nothing unless a request switches it on through ``vllm_xargs`` (OpenAI body)
+or ``SamplingParams.extra_args`` (offline):
+
+- ``sid_constrained: 1``: the completion is exactly ``sid_count`` catalogue SIDs, then EOS.
+- ``sid_items: "id1,id2"`` (or a list): only these items (raw item ids of ``items.jsonl``).
+- ``sid_category: "Staples"``: only items having this category (any level, case-insensitive).
+- ``sid_count: k``: k distinct SIDs back to back (default 1).
+- ``sid_prefix_len: d``: the prompt's last ``d`` tokens already start the SID (step-wise beam
+  search sends the beam's prefix inside the prompt).
+- ``sid_logprobs: 1``: rows carry ``log_softmax`` of the unconstrained model (masked tokens
+  -inf). Sampling is unchanged (softmax is shift-invariant), but an engine started with
+  ``logprobs_mode="processed_logits"`` then reports the model's own log-probabilities of the
+  allowed tokens: the scores of a constrained beam search.
+
+State: per batch row the parsed arguments, the prompt tail and vLLM's live list of output
+tokens (a reference, so it grows by itself). The trie position is recomputed from those
+tokens at every step, never accumulated, so preemption, batch moves and swaps cannot
+desynchronise it. Masking is a scatter of CSR index arrays from ``SidTrie.allowed_pairs``.
+
+``validate_params`` runs in the API-server process, which has no engine config: it finds the
+catalogue through ``SIDREC_CHECKPOINT`` or the ``--model`` argument of the server command line
+(``recipes/serve.py`` sets the variable). Bad arguments raise ``ValueError`` -> HTTP 400.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from sid_tokenizer.sid import SidIndex
+from sid_tokenizer.trie import SidTrie
+
+logger = logging.getLogger(__name__)
+
+ENV_CHECKPOINT = "SIDREC_CHECKPOINT"
+# Seconds between checks of the catalogue files' modification times (0: check on every new request).
+ENV_RELOAD_SECONDS = "SIDREC_RELOAD_SECONDS"
+SID_ARGS = ("sid_constrained", "sid_items", "sid_category", "sid_count", "sid_prefix_len", "sid_logprobs")
+MAX_SID_COUNT = 100
+_SUBTRIE_CACHE_SIZE = 256
+
+
+# ----------------------------------------------------------------------------- request arguments
+@dataclass(frozen=True)
+class SidRequest:
+    """Parsed per-request arguments (see the module docstring)."""
+
+    constrained: bool = False
+    items: tuple[str, ...] | None = None
+    category: str | None = None
+    count: int = 1
+    prefix_len: int = 0
+    logprobs: bool = False
+
+    @property
+    def filter_key(self) -> tuple:
+        """Requests with the same key share one (sub-)trie."""
+        return (self.items, self.category.lower() if self.category else None)
+
+
+def _flag(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
+        return value.strip().lower() in ("1", "true")
+    raise ValueError(f"vllm_xargs.{name} must be 0/1 or true/false, got {value!r}")
+
+
+def _int(name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"vllm_xargs.{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    try:
+        out = int(value)
+    except ValueError:
+        raise ValueError(f"vllm_xargs.{name} must be an integer in [{lo}, {hi}], got {value!r}") from None
+    if out != float(value) or not lo <= out <= hi:
+        raise ValueError(f"vllm_xargs.{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return out
+
+
+def parse_sid_args(extra_args: dict[str, Any] | None) -> SidRequest | None:
+    """``SamplingParams.extra_args`` -> ``SidRequest``; None when the processor is not asked for.
+
+    Raises ValueError naming the argument for wrong types, unknown ``sid_*`` names and filters
+    given without ``sid_constrained``. Checks against the catalogue are ``ServingCatalogue.check``.
+    """
+    if not extra_args:
+        return None
+    unknown = sorted(k for k in extra_args if k.startswith("sid_") and k not in SID_ARGS)
+    if unknown:
+        raise ValueError(f"unknown vllm_xargs {unknown}; expected some of {list(SID_ARGS)}")
+    if not any(k in extra_args for k in SID_ARGS):
+        return None
+    constrained = _flag("sid_constrained", extra_args.get("sid_constrained", 0))
+    logprobs = _flag("sid_logprobs", extra_args.get("sid_logprobs", 0))
+    items = extra_args.get("sid_items")
+    if items is not None:
+        if isinstance(items, str):
+            items = [s.strip() for s in items.split(",")]
+        if not isinstance(items, list | tuple) or not all(isinstance(s, str | int) for s in items):
+            raise ValueError(
+                f"vllm_xargs.sid_items must be a comma-separated string or a list of item ids, "
+                f"got {extra_args['sid_items']!r}"
+            )
+        items = tuple(sorted({str(s).strip() for s in items if str(s).strip()}))
+        if not items:
+            raise ValueError("vllm_xargs.sid_items is empty")
+    category = extra_args.get("sid_category")
+    if category is not None and (not isinstance(category, str) or not category.strip()):
+        raise ValueError(f"vllm_xargs.sid_category must be a non-empty string, got {category!r}")
+    count = _int("sid_count", extra_args.get("sid_count", 1), 1, MAX_SID_COUNT)
+    prefix_len = _int("sid_prefix_len", extra_args.get("sid_prefix_len", 0), 0, 64)
+    if not constrained and (
+        items is not None or category is not None or "sid_count" in extra_args or prefix_len
+    ):
+        raise ValueError(
+            "vllm_xargs sid_items / sid_category / sid_count / sid_prefix_len need sid_constrained=1"
+        )
+    if not constrained and not logprobs:
+        return None
+    return SidRequest(constrained, items, category.strip() if category else None, count, prefix_len, logprobs)
+
+
+# ----------------------------------------------------------------------------- catalogue + tries
+@dataclass
+class _TrieInfo:
+    """A trie plus, lazily, what distinct multi-SID completions need: parent ids and leaf counts."""
+
+    trie: SidTrie
+    parents: list[np.ndarray] = field(default_factory=list)  # [d]: node at depth d+1 -> its parent
+    leaf_counts: list[np.ndarray] = field(default_factory=list)  # [d]: leaves below each node at depth d
+
+    def ensure_counts(self) -> None:
+        if self.leaf_counts:
+            return
+        t = self.trie
+        self.parents = [t.edge_keys[d] // t.level_sizes[d] for d in range(t.num_levels)]
+        counts = [np.ones(t.num_leaves, dtype=np.int64)]
+        for d in range(t.num_levels - 1, -1, -1):
+            n = len(t.offsets[d]) - 1
+            counts.append(np.bincount(self.parents[d], weights=counts[-1], minlength=n).astype(np.int64))
+        self.leaf_counts = counts[::-1]
+
+
+class ServingCatalogue:
+    """``<checkpoint>/sidrec`` for serving: SID index, raw ids, categories, the full trie and
+    per-filter sub-tries (LRU cache), reloaded when ``index.json``/``items.jsonl`` change."""
+
+    def __init__(self, checkpoint: str | Path, reload_seconds: float | None = None) -> None:
+        self.checkpoint = Path(checkpoint)
+        self.dir = self.checkpoint / "sidrec"
+        if not (self.dir / "meta.json").exists():
+            raise FileNotFoundError(
+                f"{self.dir / 'meta.json'} not found: {self.checkpoint} is not a sidrec "
+                f"checkpoint (set {ENV_CHECKPOINT} to the checkpoint that holds sidrec/)"
+            )
+        if reload_seconds is None:
+            reload_seconds = float(os.environ.get(ENV_RELOAD_SECONDS, "2"))
+        self.reload_seconds = reload_seconds
+        self._lock = threading.Lock()
+        self._checked = 0.0
+        self._stamp: tuple = ()
+        self._load()
+
+    def _files_stamp(self) -> tuple:
+        return tuple(os.stat(self.dir / f).st_mtime_ns for f in ("index.json", "items.jsonl", "meta.json"))
+
+    def _load(self) -> None:
+        from sid_tokenizer.llm import Catalogue
+
+        stamp = self._files_stamp()
+        cat = Catalogue.load(self.checkpoint)
+        self.index: SidIndex = cat.index
+        self.titles = cat.titles
+        self.raw_ids = cat.raw_ids
+        self.item_of_raw = {r: i for i, r in enumerate(cat.raw_ids)}
+        by_cat: dict[str, list[int]] = {}
+        for i, cats in enumerate(cat.categories):
+            for c in {str(c).strip().lower() for c in cats}:
+                by_cat.setdefault(c, []).append(i)
+        self.items_of_category = {c: np.asarray(v, dtype=np.int64) for c, v in by_cat.items()}
+        self.full = _TrieInfo(SidTrie(self.index.codes, self.index.vocab.level_sizes))
+        self._subtries: OrderedDict[tuple, _TrieInfo] = OrderedDict()
+        self._stamp = stamp
+        logger.info(
+            "sidrec catalogue %s: %d items, %d distinct SIDs", self.dir, len(self.index), len(self.full.trie)
+        )
+
+    @property
+    def num_levels(self) -> int:
+        return self.index.vocab.num_levels
+
+    def refresh(self, force: bool = False) -> bool:
+        """Reload if the catalogue files changed (checked at most every ``reload_seconds``)."""
+        now = time.monotonic()
+        if not force and now - self._checked < self.reload_seconds:
+            return False
+        self._checked = now
+        try:
+            stamp = self._files_stamp()
+        except FileNotFoundError:
+            return False
+        if stamp == self._stamp:
+            return False
+        with self._lock:
+            try:
+                self._load()
+            except Exception:  # a broken edit must not take the server down: keep serving the old one
+                logger.exception("reloading %s failed; keeping the previous catalogue", self.dir)
+                self._stamp = stamp
+                return False
+        return True
+
+    def select_items(self, req: SidRequest, strict: bool = True) -> np.ndarray | None:
+        """Item ids allowed by the request's filter (None: no filter). ``strict`` raises
+        ValueError for unknown ids and empty results; otherwise they are dropped / returned empty."""
+        sel = None
+        if req.items is not None:
+            known = [self.item_of_raw[r] for r in req.items if r in self.item_of_raw]
+            missing = [r for r in req.items if r not in self.item_of_raw]
+            if missing and strict:
+                shown = ", ".join(repr(m) for m in missing[:5])
+                raise ValueError(
+                    f"vllm_xargs.sid_items: {len(missing)} unknown item id(s) ({shown}"
+                    f"{', ...' if len(missing) > 5 else ''}); ids are the raw_id column of "
+                    f"{self.dir / 'items.jsonl'}"
+                )
+            sel = np.asarray(sorted(known), dtype=np.int64)
+        if req.category is not None:
+            in_cat = self.items_of_category.get(req.category.lower(), np.zeros(0, dtype=np.int64))
+            sel = in_cat if sel is None else np.intersect1d(sel, in_cat)
+            if len(sel) == 0 and strict:
+                raise ValueError(
+                    f"vllm_xargs.sid_category {req.category!r}: no catalogue item matches"
+                    f"{' among sid_items' if req.items is not None else ''}"
+                )
+        if sel is not None and len(sel) == 0 and strict:
+            raise ValueError("vllm_xargs.sid_items: no catalogue item selected")
+        return sel
+
+    def trie_for(self, req: SidRequest, strict: bool = False) -> _TrieInfo | None:
+        """The full trie, or the cached sub-trie of the request's filter (None if it is empty)."""
+        key = req.filter_key
+        if key == (None, None):
+            return self.full
+        with self._lock:
+            hit = self._subtries.get(key)
+            if hit is not None:
+                self._subtries.move_to_end(key)
+                return hit
+        sel = self.select_items(req, strict=strict)
+        info = _TrieInfo(SidTrie(self.index.codes[sel], self.index.vocab.level_sizes)) if len(sel) else None
+        if info is not None:
+            with self._lock:
+                self._subtries[key] = info
+                while len(self._subtries) > _SUBTRIE_CACHE_SIZE:
+                    self._subtries.popitem(last=False)
+        return info
+
+    def check(self, req: SidRequest) -> None:
+        """ValueError when the request cannot be served by this catalogue."""
+        info = self.trie_for(req, strict=True)
+        if req.count > len(info.trie):
+            raise ValueError(
+                f"vllm_xargs.sid_count={req.count} but the filter leaves only {len(info.trie)} "
+                f"distinct SID(s)"
+            )
+        if req.prefix_len >= self.num_levels:
+            raise ValueError(f"vllm_xargs.sid_prefix_len must be < {self.num_levels} (SID length)")
+
+
+# ----------------------------------------------------------------------------- masks
+class SidMasker:
+    """Allowed next tokens for rows of (request, generated SID tokens); no vLLM objects inside."""
+
+    def __init__(
+        self, catalogue: ServingCatalogue, level_token_ids: list[np.ndarray], vocab_size: int | None = None
+    ) -> None:
+        """level_token_ids[l][c]: token id of code c at level l (``sid_tokenizer.llm.sid_token_ids``)."""
+        self.catalogue = catalogue
+        self.level_token_ids = [np.asarray(t, dtype=np.int64) for t in level_token_ids]
+        n = max(vocab_size or 0, max(int(t.max()) for t in self.level_token_ids) + 1)
+        self.token_to_code = []
+        for ids in self.level_token_ids:
+            table = np.full(n, -1, dtype=np.int64)
+            table[ids] = np.arange(len(ids))
+            self.token_to_code.append(table)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.level_token_ids)
+
+    def codes_of(self, tokens: np.ndarray) -> np.ndarray:
+        """(N, d) token ids at levels 0..d-1 -> codes (-1 where a token is not that level's SID token)."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(len(tokens), -1)
+        out = np.full(tokens.shape, -1, dtype=np.int64)
+        for j in range(tokens.shape[1]):
+            table = self.token_to_code[j % self.num_levels]
+            t = tokens[:, j]
+            ok = (t >= 0) & (t < len(table))
+            out[ok, j] = table[t[ok]]
+        return out
+
+    def allowed(
+        self, reqs: Sequence[SidRequest], generated: Sequence[Sequence[int]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For each row (a constrained request and its SID tokens so far, prompt prefix included):
+        (rows, token_ids) of allowed SID tokens, flattened, and the rows that may only end."""
+        L = self.num_levels
+        groups: dict[tuple, list[int]] = {}
+        end_rows: list[int] = []
+        for r, (req, gen) in enumerate(zip(reqs, generated, strict=True)):
+            if len(gen) >= req.count * L:
+                end_rows.append(r)
+            else:
+                groups.setdefault((req.filter_key, len(gen) % L), []).append(r)
+        out_rows, out_toks = [], []
+        for (_, d), rows in groups.items():
+            info = self.catalogue.trie_for(reqs[rows[0]])
+            if info is None:  # an empty filter that the API server could not check: end at once
+                end_rows.extend(rows)
+                continue
+            trie = info.trie
+            rows_a = np.asarray(rows, dtype=np.int64)
+            if d:
+                prefix = np.asarray([gen[len(gen) - d :] for gen in (generated[r] for r in rows)])
+                nodes = trie.walk(self.codes_of(prefix))
+            else:
+                nodes = np.zeros(len(rows), dtype=np.int64)
+            end_rows.extend(rows_a[nodes < 0].tolist())
+            rr, codes = trie.allowed_pairs(d, nodes)
+            keep = self._distinct(info, d, rows_a, nodes, rr, codes, reqs, generated)
+            if keep is not None:
+                rr, codes = rr[keep], codes[keep]
+            out_rows.append(rows_a[rr])
+            out_toks.append(self.level_token_ids[d][codes])
+        rows_out = np.concatenate(out_rows) if out_rows else np.zeros(0, dtype=np.int64)
+        toks_out = np.concatenate(out_toks) if out_toks else np.zeros(0, dtype=np.int64)
+        return rows_out, toks_out, np.asarray(sorted(end_rows), dtype=np.int64)
+
+    def _distinct(
+        self,
+        info: _TrieInfo,
+        d: int,
+        rows: np.ndarray,
+        nodes: np.ndarray,
+        rr: np.ndarray,
+        codes: np.ndarray,
+        reqs: Sequence[SidRequest],
+        generated: Sequence[Sequence[int]],
+    ) -> np.ndarray | None:
+        """Bool mask over the flattened (rr, codes) pairs dropping children whose every leaf is a
+        SID this row already produced (``sid_count`` > 1); None when no row has produced one."""
+        L = self.num_levels
+        done_local = [k for k, r in enumerate(rows.tolist()) if len(generated[r]) >= L]
+        if not done_local:
+            return None
+        info.ensure_counts()
+        trie = info.trie
+        child = trie.step(d, nodes[rr], codes)  # node ids at depth d+1
+        keep = np.ones(len(rr), dtype=bool)
+        for k in done_local:
+            gen = generated[rows[k]]
+            done = len(gen) // L
+            used = trie.walk(self.codes_of(np.asarray(gen[: done * L]).reshape(done, L)))
+            used = used[used >= 0]
+            if not len(used):
+                continue
+            anc = used
+            for lv in range(L - 1, d, -1):  # leaves (depth L) up to depth d+1
+                anc = info.parents[lv][anc]
+            uniq, cnt = np.unique(anc, return_counts=True)
+            exhausted = uniq[cnt >= info.leaf_counts[d + 1][uniq]]
+            if len(exhausted):
+                sel = rr == k
+                keep[sel] = ~np.isin(child[sel], exhausted)
+        return keep
+
+
+# ----------------------------------------------------------------------------- API-server side
+_frontend: dict[str, ServingCatalogue | None] = {}
+
+
+def _checkpoint_from_argv(argv: Sequence[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a == "--model" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--model="):
+            return a.split("=", 1)[1]
+    if len(argv) > 2 and argv[1] == "serve" and not argv[2].startswith("-"):  # `vllm serve MODEL`
+        return argv[2]
+    return None
+
+
+def frontend_catalogue() -> ServingCatalogue | None:
+    """The catalogue as seen by the API-server process (None if it cannot be located)."""
+    path = os.environ.get(ENV_CHECKPOINT) or _checkpoint_from_argv(sys.argv)
+    if not path or not (Path(path) / "sidrec" / "meta.json").exists():
+        return None
+    cat = _frontend.get(path)
+    if cat is None:
+        cat = _frontend[path] = ServingCatalogue(path)
+    else:
+        cat.refresh()
+    return cat
+
+
+# ----------------------------------------------------------------------------- the processor
+@dataclass
+class _Row:
+    req: SidRequest
+    prompt_tail: list[int]
+    output: list[int]  # vLLM's live list of this request's output tokens
+    end_ids: list[int]
+
+
+class SidTrieLogitsProcessor(LogitsProcessor):
+    """vLLM V1 logits processor enforcing the catalogue's SID trie on requests that ask for it."""
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
+        from transformers import AutoTokenizer
+
+        from sid_tokenizer.llm import sid_token_ids
+
+        mc = vllm_config.model_config
+        self.catalogue = ServingCatalogue(os.environ.get(ENV_CHECKPOINT) or mc.model)
+        tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer, trust_remote_code=mc.trust_remote_code)
+        self.masker = SidMasker(
+            self.catalogue,
+            sid_token_ids(tokenizer, self.catalogue.index.vocab),
+            vocab_size=mc.get_vocab_size(),
+        )
+        self.eos_token_id = tokenizer.eos_token_id
+        self.device = device
+        self.rows: dict[int, _Row] = {}
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        req = parse_sid_args(sampling_params.extra_args)
+        if req is None or not req.constrained:
+            return
+        cat = frontend_catalogue()
+        if cat is not None:
+            cat.check(req)
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # it changes which token is the argmax: must also run for greedy requests
+
+    def _new_row(self, params, prompt_ids: list[int] | None, output_ids: list[int]) -> _Row | None:
+        try:
+            req = parse_sid_args(params.extra_args)
+        except ValueError as e:  # validate_params rejects these; an engine used directly may not
+            logger.warning("ignoring request with bad sid arguments: %s", e)
+            return None
+        if req is None:
+            return None
+        tail = list(prompt_ids[len(prompt_ids) - req.prefix_len :]) if req.prefix_len and prompt_ids else []
+        end_ids = set(getattr(params, "all_stop_token_ids", None) or ())
+        if self.eos_token_id is not None:
+            end_ids.add(self.eos_token_id)
+        return _Row(req, tail, output_ids, sorted(end_ids))
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return  # output lists are live references: nothing to do between steps
+        for index in batch_update.removed:
+            self.rows.pop(index, None)
+        for index, params, prompt_ids, output_ids in batch_update.added:
+            row = self._new_row(params, prompt_ids, output_ids)
+            if row is None:
+                self.rows.pop(index, None)
+            else:
+                self.rows[index] = row
+        for a, b, direction in batch_update.moved:
+            row_a, row_b = self.rows.pop(a, None), self.rows.pop(b, None)
+            if row_a is not None:
+                self.rows[b] = row_a
+            if row_b is not None and direction == MoveDirectionality.SWAP:
+                self.rows[a] = row_b
+        if batch_update.added:
+            self.catalogue.refresh()
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.rows:
+            return logits
+        batch = sorted(i for i in self.rows if i < logits.shape[0])
+        rows = [self.rows[i] for i in batch]
+        whole = batch == list(range(logits.shape[0]))
+        sub = logits if whole else logits[batch]
+        lp = [k for k, r in enumerate(rows) if r.req.logprobs]
+        if lp:
+            if len(lp) == len(rows):
+                sub = torch.log_softmax(sub, dim=-1)
+            else:
+                idx = torch.as_tensor(lp, device=sub.device)
+                sub[idx] = torch.log_softmax(sub[idx], dim=-1)
+        cons = [k for k, r in enumerate(rows) if r.req.constrained]
+        if cons:
+            gen = [
+                rows[k].prompt_tail + rows[k].output if rows[k].prompt_tail else rows[k].output for k in cons
+            ]
+            ar, at, end = self.masker.allowed([rows[k].req for k in cons], gen)
+            cons_a = np.asarray(cons, dtype=np.int64)
+            end_r = [int(cons_a[e]) for e in end.tolist() for _ in rows[cons_a[e]].end_ids]
+            end_t = [t for e in end.tolist() for t in rows[cons_a[e]].end_ids]
+            r_idx = torch.from_numpy(np.concatenate([cons_a[ar], np.asarray(end_r, dtype=np.int64)]))
+            t_idx = torch.from_numpy(np.concatenate([at, np.asarray(end_t, dtype=np.int64)]))
+            keep = torch.ones(sub.shape, dtype=torch.bool)
+            keep[torch.from_numpy(cons_a)] = False
+            keep[r_idx, t_idx] = True
+            sub = sub.masked_fill(~keep.to(sub.device, non_blocking=True), float("-inf"))
+        if whole:
+            if sub is not logits:
+                logits.copy_(sub)
+        else:
+            logits[batch] = sub
+        return logits
+
+
+# ----------------------------------------------------------------------------- prompt guard
+_SID_RUN = re.compile(r"(?:<[a-z]_\d+>)+")
+_SID_TOKEN = re.compile(r"<[a-z]_\d+>")
+
+
+def unknown_sids(text: str, catalogue: ServingCatalogue, allow_partial_tail: int = 0) -> list[str]:
+    """SID-looking runs in ``text`` that are not catalogue SIDs (malformed or unknown), in order.
+
+    A run of SID tokens must split into whole SIDs of the catalogue; ``allow_partial_tail``
+    tokens at the very end of the text may be an unfinished SID (beam-search prefixes).
+    """
+    vocab = catalogue.index.vocab
+    L = vocab.num_levels
+    known = catalogue.index.sid_to_items
+    bad: list[str] = []
+    for m in _SID_RUN.finditer(text):
+        toks = _SID_TOKEN.findall(m.group(0))
+        tail = len(toks) % L
+        if tail and not (m.end() == len(text.rstrip()) and tail <= allow_partial_tail):
+            bad.append(m.group(0))
+            continue
+        for s in range(0, len(toks) - tail, L):
+            sid = "".join(toks[s : s + L])
+            try:
+                codes = vocab.parse(sid)
+            except ValueError:
+                bad.append(sid)
+                continue
+            if codes not in known:
+                bad.append(sid)
+    return bad
+
+
+def _request_texts(body: dict) -> list[str]:
+    texts: list[str] = []
+    for msg in body.get("messages") or []:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts.extend(
+                p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+            )
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        texts.append(prompt)
+    elif isinstance(prompt, list):
+        texts.extend(p for p in prompt if isinstance(p, str))
+    return texts
+
+
+async def sid_prompt_guard(request, call_next):
+    """ASGI middleware (``--middleware sid_tokenizer.vllm_processor.sid_prompt_guard``): a chat or
+    completion request mentioning a SID that is not in the catalogue gets HTTP 400 naming it."""
+    if request.method != "POST" or not request.url.path.endswith(("/chat/completions", "/completions")):
+        return await call_next(request)
+    cat = frontend_catalogue()
+    if cat is None:
+        return await call_next(request)
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        return await call_next(request)  # let vLLM report malformed JSON itself
+    if not isinstance(body, dict):
+        return await call_next(request)
+    xargs = body.get("vllm_xargs") if isinstance(body.get("vllm_xargs"), dict) else {}
+    try:
+        partial = int(xargs.get("sid_prefix_len", 0))
+    except (TypeError, ValueError):
+        partial = 0
+    bad = [s for text in _request_texts(body) for s in unknown_sids(text, cat, partial)]
+    if not bad:
+        return await call_next(request)
+    from starlette.responses import JSONResponse
+
+    shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+    message = (
+        f"the prompt mentions {len(bad)} SID(s) that are not catalogue items: {shown} "
+        f"(catalogue: {cat.dir}, {len(cat.index)} items; a SID is {cat.num_levels} tokens "
+        f"like {cat.index.sid(0)})"
+    )
+    return JSONResponse(
+        status_code=400,
+        content={"error": {"message": message, "type": "BadRequestError", "param": "messages", "code": 400}},
+    )
