@@ -1,0 +1,198 @@
+"""RL after SFT (recipes/rl.py, eval.rl): prompts, constrained log-probs, a few GRPO and DPO steps."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eval.rewards import REWARDS, catalogue_items
+from eval.rl import SidConstraint, add_constrained_lm_head, rl_prompt_rows
+from sid_tokenizer.sid import SidIndex, SidVocab
+from tests.conftest import load_recipe, run_cmd
+
+ROOT = Path(__file__).resolve().parents[1]
+RL_CONFIGS = sorted((ROOT / "recipes" / "configs").glob("grpo_*.yaml")) + sorted(
+    (ROOT / "recipes" / "configs").glob("dpo_*.yaml"))
+
+
+# ---------------------------------------------------------------- fast
+
+
+@pytest.mark.parametrize("path", RL_CONFIGS, ids=lambda p: p.name)
+def test_rl_recipes_parse(path):
+    rl = load_recipe("rl")
+    script, train, model = rl.parse_args(["--config", str(path)])
+    assert path.name.startswith(script.algorithm)
+    assert type(train).__name__ == {"grpo": "GRPOConfig", "dpo": "DPOConfig"}[script.algorithm]
+    assert model.model_name_or_path.endswith("final") and train.output_dir
+    assert not train.bf16
+    if script.algorithm == "grpo":
+        assert set(script.reward_funcs) <= set(REWARDS)
+        assert len(train.reward_weights) == len(script.reward_funcs)
+        assert script.rollout in ("beam", "sample")
+        assert (train.per_device_train_batch_size * train.steps_per_generation) % train.num_generations == 0
+    else:
+        assert script.mining_beams > script.num_negatives
+    if train.load_best_model_at_end:
+        assert train.metric_for_best_model == "eval_NDCG@10" and script.rank_eval_users > 0
+        assert train.save_steps % train.eval_steps == 0
+
+
+def test_cli_overrides_pick_the_config_class():
+    rl = load_recipe("rl")
+    script, train, _ = rl.parse_args(["--config", "recipes/configs/dpo_demo.yaml", "--beta", "0.2"])
+    assert script.algorithm == "dpo" and type(train).__name__ == "DPOConfig" and train.beta == 0.2
+    script, train, _ = rl.parse_args(["--config", "recipes/configs/grpo_demo.yaml", "--rollout", "sample"])
+    assert type(train).__name__ == "GRPOConfig" and script.rollout == "sample"
+    with pytest.raises(ValueError, match="num_generations"):  # GRPO fields are not DPO fields
+        rl.parse_args(["--config", "recipes/configs/grpo_demo.yaml", "--algorithm", "dpo"])
+    with pytest.raises(ValueError, match="algorithm must be one of"):
+        rl.parse_args(["--config", "recipes/configs/grpo_demo.yaml", "--algorithm", "ppo"])
+
+
+def test_rl_prompts_come_from_training_sequences_only():
+    index = SidIndex(np.arange(30).reshape(10, 3) % 8, SidVocab((8, 8, 8)))
+    train = [[0, 1, 2, 3], [4, 5], [6], [7, 8, 9]]
+    for prefix in ("uniform", "last"):
+        rows = rl_prompt_rows(index, train, num_prompts=20, max_history=2, prefix=prefix, seed=1)
+        assert len(rows) == 20
+        for r in rows:
+            window = r["history"] + [r["target_item"]]
+            assert any(window == s[i:i + len(window)] for s in train for i in range(len(s))), r
+            assert 1 <= len(r["history"]) <= 2
+            assert r["prompt"] == "<|rec|>" + "".join(index.sid(i) for i in r["history"])
+            if prefix == "last":
+                assert any(window == s[-len(window):] for s in train)
+    chat = rl_prompt_rows(index, train, 3, prompt_format="chat")
+    assert chat[0]["prompt"][0]["role"] == "user" and index.sid(chat[0]["history"][-1]) in chat[0]["prompt"][0][
+        "content"]
+
+
+# ---------------------------------------------------------------- slow: the tiny SFT model
+
+
+def _first_rows(dataset_dir, index, n=6):
+    from data_prep.dataset import RecDataset
+
+    ds = RecDataset.load(dataset_dir)
+    return rl_prompt_rows(index, ds.train, n, seed=0)
+
+
+@pytest.mark.slow
+def test_constrained_logprobs_match_a_masked_softmax(tiny_sft, scientific_dirs):
+    """The patched head returns log softmax over the trie-allowed tokens, position by position."""
+    from sid_tokenizer.llm import load_checkpoint
+
+    model, tok, cat = load_checkpoint(tiny_sft / "final")
+    constraint = SidConstraint(cat.index, tok, model.config.vocab_size)
+    rows = _first_rows(scientific_dirs["dataset"], cat.index)
+    texts = [r["prompt"] + cat.index.sid(r["target_item"]) + tok.eos_token for r in rows]
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    num_new = cat.index.vocab.num_levels + 1
+    labels = batch["input_ids"].clone()
+    labels[:, :-num_new] = -100
+    with torch.no_grad():
+        logits = model(**batch).logits.float()
+    add_constrained_lm_head(model, constraint)
+    with torch.no_grad():
+        out = model(**batch, labels=labels, fused_lm_head=True)
+        assert torch.allclose(model(**batch).logits, logits)  # plain forward untouched
+    plen = batch["input_ids"].shape[1] - num_new
+    proc = constraint.processor(plen)
+    for t in range(num_new):
+        pos = plen + t  # token at pos is predicted from logits at pos - 1
+        allowed = proc.allowed_mask(batch["input_ids"][:, :pos], logits.shape[-1])
+        ref = torch.log_softmax(logits[:, pos - 1].masked_fill(~allowed, float("-inf")), -1)
+        want = ref.gather(1, batch["input_ids"][:, pos:pos + 1]).squeeze(1)
+        torch.testing.assert_close(out.log_probs[:, pos - 1], want, rtol=1e-4, atol=1e-4)
+    assert (out.log_probs[:, -1] == 0).all()  # EOS is the only token allowed after a full SID
+    assert (out.log_probs[:, : plen - 1] == 0).all() and not out.label_mask[:, : plen - 1].any()
+    full = torch.log_softmax(logits[:, plen - 1:-1], -1).gather(2, batch["input_ids"][:, plen:, None]).squeeze(2)
+    assert (out.log_probs[:, plen - 1:] >= full - 1e-5).all()  # renormalising only adds mass
+
+
+def _run_grpo(tmp_path, tiny_sft, monkeypatch, rollout: str, steps: int) -> tuple[Path, list]:
+    """GRPO in-process with a recording reward: returns the output dir and every completion the
+    rewards saw, with the columns they were given."""
+    rl = load_recipe("rl")
+    seen = []
+
+    def record(completions, target_item, beam_rank=None, **kwargs):
+        seen.extend(zip(completions, target_item, beam_rank or [None] * len(completions), strict=True))
+        return [0.0] * len(completions)
+
+    monkeypatch.setitem(REWARDS, "record", record)
+    out = tmp_path / f"grpo_{rollout}"
+    args = ["--config", "recipes/configs/grpo_demo.yaml", "--model_name_or_path", str(tiny_sft / "final"),
+            "--output_dir", str(out), "--rollout", rollout, "--num_generations", "4",
+            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--num_train_prompts", "16",
+            "--eval_prompts", "4", "--max_steps", str(steps), "--eval_steps", str(steps), "--save_steps", str(steps),
+            "--rank_eval_users", "8", "--logging_steps", "1", "--report_to", "none"]
+    rewards = {"exact": "1.0", "prefix": "0.5", "validity": "0.1", "record": "0.0"}
+    if rollout == "beam":
+        rewards["rank"] = "1.0"  # needs beam_rank
+    args += ["--reward_funcs", *rewards, "--reward_weights", *rewards.values()]
+    rl.main(*rl.parse_args(args))
+    return out, seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rollout", ["beam", "sample"])
+def test_grpo_rewards_only_see_catalogue_items(tiny_sft, tmp_path, monkeypatch, rollout):
+    from sid_tokenizer.llm import Catalogue
+
+    out, seen = _run_grpo(tmp_path, tiny_sft, monkeypatch, rollout, steps=2)
+    index = Catalogue.load(tiny_sft / "final").index
+    # 2 train steps x 8 completions, plus the eval pass over 4 validation prompts x 4
+    assert len(seen) >= 2 * 8 + 4 * 4
+    for completion, _, _ in seen:
+        assert len(catalogue_items(completion, index)) >= 1, completion
+    if rollout == "beam":
+        for g in range(0, len(seen), 4):
+            group = seen[g:g + 4]
+            assert [r for _, _, r in group] == [1, 2, 3, 4]
+            assert len({c for c, _, _ in group}) == 4  # the G distinct items of the beam search
+            assert len({t for _, t, _ in group}) == 1  # one prompt per group
+    final = out / "final"
+    assert (final / "model.safetensors").exists() and (final / "sidrec" / "index.json").exists()
+    assert Catalogue.load(final).index.codes.shape == index.codes.shape
+    assert (out / "training_curves.png").stat().st_size > 1000
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    logs = state["log_history"]
+    assert all(r["completions/valid_sid"] == 1.0 for r in logs if "completions/valid_sid" in r)
+    assert any("rewards/prefix/mean" in r and "kl" in r for r in logs)
+    assert any("eval_NDCG@10" in r for r in logs)
+
+
+@pytest.mark.slow
+def test_dpo_mines_pairs_trains_resumes_and_saves(tiny_sft, tmp_path):
+    from sid_tokenizer.llm import Catalogue
+
+    out = tmp_path / "dpo"
+    base = [sys.executable, "recipes/rl.py", "--config", "recipes/configs/dpo_demo.yaml",
+            "--model_name_or_path", str(tiny_sft / "final"), "--output_dir", str(out), "--num_train_prompts", "24",
+            "--eval_prompts", "8", "--num_negatives", "2", "--mining_beams", "5", "--per_device_train_batch_size", "8",
+            "--eval_steps", "2", "--save_steps", "2", "--rank_eval_users", "8", "--logging_steps", "1",
+            "--report_to", "none"]
+    run_cmd(base + ["--max_steps", "2"])
+    index = Catalogue.load(tiny_sft / "final").index
+    pairs = [json.loads(line) for line in (out / "pairs_train.jsonl").read_text().splitlines()]
+    assert len(pairs) == 24 * 2  # num_negatives rows per prompt
+    for p in pairs:
+        assert p["chosen"] == index.sid(p["target_item"])
+        assert p["target_item"] not in catalogue_items(p["rejected"], index)
+        assert catalogue_items(p["rejected"], index) and 1 <= p["rejected_rank"] <= 5
+    mtime = (out / "pairs_train.jsonl").stat().st_mtime
+    proc = run_cmd(base + ["--max_steps", "3"])  # resumes from checkpoint-2, reuses the mined pairs
+    assert "resuming from" in proc.stderr and (out / "pairs_train.jsonl").stat().st_mtime == mtime
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert any("rewards/margins" in r for r in state["log_history"])
+    assert any("eval_NDCG@10" in r for r in state["log_history"])
+    final = out / "final"
+    assert (final / "model.safetensors").exists() and (final / "sidrec" / "items.jsonl").exists()
