@@ -26,7 +26,7 @@ from data_prep.io import read_json
 from eval.generate import SidRanker, evaluate_examples
 from eval.metrics import metrics_with_ci
 from eval.report import write_metrics_report
-from sid_tokenizer.llm import load_checkpoint
+from sid_tokenizer.llm import Catalogue, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ class EvalArgs:
     max_users: int | None = field(default=None, metadata={"help": "evaluate a seeded random subset"})
     also_unconstrained: bool = field(default=True, metadata={"help": "report unconstrained validity too"})
     unconstrained_users: int = field(default=500, metadata={"help": "users for the unconstrained contrast"})
-    backend: str = field(default="sid_beam", metadata={"help": "sid_beam | hf (transformers generate)"})
+    backend: str = field(default="sid_beam", metadata={
+        "help": "sid_beam | hf (transformers generate) | vllm (vllm.LLM, batch_size prompts per engine call)"})
     device: str | None = None
     n_boot: int = 1000
     seed: int = 0
@@ -54,13 +55,22 @@ class EvalArgs:
 
 def evaluate_checkpoint(args: EvalArgs) -> dict[str, dict[str, Any]]:
     torch.manual_seed(args.seed)
-    model, tokenizer, catalogue = load_checkpoint(args.checkpoint, device=args.device)
+    if args.backend == "vllm":  # vllm.LLM + SidTrieLogitsProcessor (eval/vllm_backend.py); no HF weights
+        from transformers import AutoTokenizer
+
+        from eval.vllm_backend import VllmSidRanker, load_vllm
+
+        tokenizer, catalogue = AutoTokenizer.from_pretrained(args.checkpoint), Catalogue.load(args.checkpoint)
+        ranker = VllmSidRanker(load_vllm(args.checkpoint, num_beams=args.num_beams, seed=args.seed), tokenizer,
+                               catalogue.index)
+    else:
+        model, tokenizer, catalogue = load_checkpoint(args.checkpoint, device=args.device)
+        ranker = SidRanker(model, tokenizer, catalogue.index)
     dataset_dir = args.dataset_dir or read_json(Path(args.checkpoint) / "sidrec" / "meta.json")["dataset_dir"]
     dataset = RecDataset.load(dataset_dir)
     if len(catalogue.index) != dataset.num_items:
         raise ValueError(f"{args.checkpoint}: catalogue has {len(catalogue.index)} items, dataset "
                          f"{dataset_dir} has {dataset.num_items}")
-    ranker = SidRanker(model, tokenizer, catalogue.index)
     name = args.model_name or Path(args.checkpoint).parent.name
     results: dict[str, dict[str, Any]] = {}
     for split in args.splits:

@@ -74,6 +74,13 @@ def load_vllm(
     return LLM(**kwargs)
 
 
+def shutdown_vllm(llm) -> None:
+    """Stop the engine's worker processes now instead of at garbage collection."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
+
+
 class VllmSidRanker:
     """Top-K SIDs per prompt with a ``vllm.LLM`` built by ``load_vllm`` (same API as ``SidRanker``)."""
 
