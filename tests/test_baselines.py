@@ -24,6 +24,15 @@ from eval.baselines_main import BaselineArgs, run_baselines
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Small models on shared CPUs: one thread avoids OpenMP spin-waiting against other jobs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_dataset() -> RecDataset:
     # leave-one-out: train = seq[:-2], valid target = seq[-2], test target = seq[-1]
     sequences = [[0, 1, 2, 3], [1, 2, 0], [1, 3, 4, 2]]
@@ -120,7 +129,6 @@ def test_sasrec_beats_random_on_scientific():
         valid=full.valid[:n],
         test=full.test[:n],
     )
-    torch.set_num_threads(1)
     model = SASRec(SASRecConfig(epochs=2, batch_size=64, bf16=True), seed=0)
     model.fit(ds, "valid")
     assert model.history[1]["loss"] < model.history[0]["loss"]
