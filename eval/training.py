@@ -13,9 +13,11 @@ import logging
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from data_prep.dataset import RecDataset
+from sid_tokenizer.llm import copy_catalogue
 from sid_tokenizer.sid import SidIndex, SidVocab
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,21 @@ class RankingEvalMixin:
             self.log(extra)
             metrics.update(extra)
         return metrics
+
+
+class CatalogueCallback(TrainerCallback):
+    """Copy ``<base>/sidrec`` into every saved ``checkpoint-N`` so each checkpoint can be
+    evaluated or served on its own (e.g. the best one of a run that was stopped early)."""
+
+    def __init__(self, base_dir: str | Path) -> None:
+        self.base_dir = Path(base_dir)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                copy_catalogue(self.base_dir, ckpt)
+        return control
 
 
 class SidSFTTrainer(RankingEvalMixin, SFTTrainer):

@@ -23,6 +23,7 @@ from trl import ModelConfig, SFTConfig, TrlParser, get_peft_config, get_quantiza
 from data_prep.dataset import RecDataset
 from data_prep.tasks import build_mixture, eval_rows, tokenize_rows
 from eval.training import (
+    CatalogueCallback,
     SidSFTTrainer,
     load_sid_dir,
     plot_training_curves,
@@ -89,6 +90,7 @@ def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelCon
         model=model, args=training_args, train_dataset=train_ds.remove_columns("task"),
         eval_dataset=eval_ds.remove_columns("task"), processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        callbacks=[CatalogueCallback(base)],
         rank_eval=(dataset, index, dataset.valid, script_args) if script_args.rank_eval_users > 0 else None)
     last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
     if last:

@@ -29,6 +29,8 @@ def test_sft_writes_checkpoint_with_catalogue_and_ranking_metrics(tiny_sft):
     losses = [r["loss"] for r in state["log_history"] if "loss" in r]
     assert len(losses) >= 2 and all(np.isfinite(losses))
     assert (tiny_sft / "training_curves.png").stat().st_size > 1000
+    # every checkpoint carries the catalogue, so any of them can be evaluated or served
+    assert all((c / "sidrec" / "index.json").exists() for c in tiny_sft.glob("checkpoint-*"))
 
 
 def test_sid_tokens_are_single_tokens_in_vocabulary(tiny_sft):
