@@ -511,9 +511,25 @@ def sasrec_item_scorer(
 # ------------------------------------------------------------------------------------------ curves
 
 
+RL_PANELS: list[tuple[str, Callable[[str], bool]]] = [
+    # GRPO
+    ("reward by component (train)", lambda k: k == "reward" or k.startswith("rewards/") and k.endswith("/mean")),
+    ("KL to the SFT model (train)", lambda k: k == "kl"),
+    ("rollouts that are catalogue SIDs", lambda k: k == "completions/valid_sid"),
+    ("loss (train / eval)", lambda k: k in ("loss", "eval_loss")),
+    # DPO
+    ("DPO implicit rewards", lambda k: k.removeprefix("eval_") in ("rewards/chosen", "rewards/rejected",
+                                                                   "rewards/margins")),
+    ("DPO pair accuracy", lambda k: k.removeprefix("eval_") == "rewards/accuracies"),
+    # both
+    ("validation ranking (constrained beams)", lambda k: k in ("eval_NDCG@10", "eval_HR@10")),
+]
+
+
 def plot_rl_curves(log_history: list[dict], path: str | Path, title: str = "") -> None:
-    """Training curves of an RL run -> PNG: reward by component, KL / validity / DPO margins,
-    and validation ranking (NDCG@10, HR@10 from constrained beam search)."""
+    """Training curves of an RL run -> PNG, one panel per group of logged series that is present
+    (``RL_PANELS``): GRPO reward by component, KL, rollout validity; DPO loss, implicit rewards,
+    pair accuracy; validation NDCG@10 / HR@10 for both."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -526,46 +542,21 @@ def plot_rl_curves(log_history: list[dict], path: str | Path, title: str = "") -
                 series.setdefault(k, ([], []))
                 series[k][0].append(rec.get("step"))
                 series[k][1].append(v)
-
-    def pick(pred) -> dict:
-        return {k: v for k, v in series.items() if pred(k)}
-
-    panels = [
-        (
-            "reward by component (train)",
-            pick(lambda k: k.startswith("rewards/") and k.endswith("/mean") or k == "reward"),
-        ),
-        (
-            "KL / validity / DPO",
-            pick(
-                lambda k: (
-                    k
-                    in (
-                        "kl",
-                        "completions/valid_sid",
-                        "completions/distinct_per_group",
-                        "rewards/margins",
-                        "rewards/accuracies",
-                        "loss",
-                    )
-                )
-            ),
-        ),
-        (
-            "validation ranking (constrained beams)",
-            pick(lambda k: k in ("eval_NDCG@10", "eval_HR@10", "eval_reward", "eval_rewards/margins")),
-        ),
-    ]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-    for ax, (name, curves) in zip(axes, panels, strict=True):
-        for k, (x, y) in curves.items():
+    panels = [(name, {k: v for k, v in series.items() if pred(k)}) for name, pred in RL_PANELS]
+    panels = [(name, curves) for name, curves in panels if curves]
+    cols = min(max(len(panels), 1), 3)
+    rows = -(-max(len(panels), 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (name, curves) in zip(axes.flat, panels, strict=False):
+        for k, (x, y) in sorted(curves.items()):
             ax.plot(x, y, label=k, marker="o" if len(x) < 30 else None, markersize=3)
-        ax.set_title(name)
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
-        if curves:
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
