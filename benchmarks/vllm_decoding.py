@@ -92,6 +92,12 @@ def main() -> None:
     ap.add_argument("--generate_users", type=int, default=0, help="users for transformers generate (0: skip)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--overhead_prompts", type=int, default=256)
+    ap.add_argument(
+        "--hf_threads",
+        type=int,
+        default=1,
+        help="torch threads for HF (vLLM's CPU worker computes on 1 core; 2 threads thrash on a busy box)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="docs/results/vllm_decoding")
     args = ap.parse_args()
@@ -106,6 +112,7 @@ def main() -> None:
     if ckpt is None:
         raise SystemExit("no checkpoint: pass --checkpoint or train recipes/configs/sft_demo.yaml")
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.hf_threads)
     model, tok, cat = load_checkpoint(ckpt, dtype=torch.float32)
     ds = RecDataset.load(read_json(Path(ckpt) / "sidrec" / "meta.json")["dataset_dir"])
     examples = list(ds.test)
@@ -164,6 +171,7 @@ def main() -> None:
         valid_greedy = sum(s is not None for s in vr.decode_codes(gen))
     shutdown_vllm(llm)
     ov_med = {k: statistics.median(v) for k, v in ov.items()}
+    torch.set_num_threads(1)  # as in the vLLM worker
     apply_ms = processor_apply_ms(
         ckpt, rows=min(256, args.overhead_prompts), vocab=model.config.vocab_size, levels=L
     )

@@ -131,10 +131,14 @@ class VllmSidRanker:
             extra = {"sid_logprobs": 1}
             if constrained:
                 extra.update(sid_constrained=1, sid_prefix_len=d)
+            # flat logprobs: plain lists instead of a Logprob object per token (the main cost on CPU);
+            # skip_clone: shallow per-request copies (as vLLM's own beam search does)
             params = SamplingParams(
                 max_tokens=1,
                 temperature=0.0,
                 logprobs=k,
+                flat_logprobs=True,
+                skip_clone=True,
                 detokenize=False,
                 skip_special_tokens=False,
                 extra_args=extra,
@@ -146,11 +150,11 @@ class VllmSidRanker:
             outputs = self.llm.generate(requests, params, use_tqdm=False)
             cands: list[list[tuple[float, int, int]]] = [[] for _ in prompts]
             for (p, b), out in zip(owners, outputs, strict=True):
-                top = out.outputs[0].logprobs[0] if out.outputs[0].logprobs else {}
+                flat = out.outputs[0].logprobs  # FlatLogprobs of one position: sampled + top-k
+                s, e = flat.start_indices[0], flat.end_indices[0]
                 base = beams[p][b][1]
-                for tok, lp in top.items():
-                    v = lp.logprob
-                    if np.isfinite(v) and v > _MASKED:
+                for tok, v in zip(flat.token_ids[s:e], flat.logprobs[s:e], strict=True):
+                    if v > _MASKED and np.isfinite(v):
                         cands[p].append((base + v, b, tok))
             new_beams = []
             for p, cs in enumerate(cands):

@@ -421,13 +421,15 @@ def _checkpoint_from_argv(argv: Sequence[str]) -> str | None:
 def frontend_catalogue() -> ServingCatalogue | None:
     """The catalogue as seen by the API-server process (None if it cannot be located)."""
     path = os.environ.get(ENV_CHECKPOINT) or _checkpoint_from_argv(sys.argv)
-    if not path or not (Path(path) / "sidrec" / "meta.json").exists():
+    if not path:
         return None
     cat = _frontend.get(path)
-    if cat is None:
-        cat = _frontend[path] = ServingCatalogue(path)
-    else:
-        cat.refresh()
+    if cat is not None:
+        cat.refresh()  # a clock check; the files are stat-ed every reload_seconds
+        return cat
+    if not (Path(path) / "sidrec" / "meta.json").exists():
+        return None
+    cat = _frontend[path] = ServingCatalogue(path)
     return cat
 
 
@@ -507,39 +509,39 @@ class SidTrieLogitsProcessor(LogitsProcessor):
             self.catalogue.refresh()
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """In place: log-probability rows first (``sid_logprobs``), then the trie mask: the
+        allowed (row, token) values are gathered, the constrained rows filled with -inf, and
+        the values scattered back (one pass over those rows, no (B, V) boolean mask)."""
         if not self.rows:
             return logits
-        batch = sorted(i for i in self.rows if i < logits.shape[0])
+        n = logits.shape[0]
+        batch = [i for i in sorted(self.rows) if i < n]
         rows = [self.rows[i] for i in batch]
-        whole = batch == list(range(logits.shape[0]))
-        sub = logits if whole else logits[batch]
-        lp = [k for k, r in enumerate(rows) if r.req.logprobs]
-        if lp:
-            if len(lp) == len(rows):
-                sub = torch.log_softmax(sub, dim=-1)
-            else:
-                idx = torch.as_tensor(lp, device=sub.device)
-                sub[idx] = torch.log_softmax(sub[idx], dim=-1)
+        device = logits.device
+        lp = [i for i, r in zip(batch, rows, strict=True) if r.req.logprobs]
+        if len(lp) == n:
+            logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+        elif lp:
+            idx = torch.as_tensor(lp, device=device)
+            part = logits.index_select(0, idx)
+            logits.index_copy_(0, idx, part - torch.logsumexp(part, dim=-1, keepdim=True))
         cons = [k for k, r in enumerate(rows) if r.req.constrained]
-        if cons:
-            gen = [
-                rows[k].prompt_tail + rows[k].output if rows[k].prompt_tail else rows[k].output for k in cons
-            ]
-            ar, at, end = self.masker.allowed([rows[k].req for k in cons], gen)
-            cons_a = np.asarray(cons, dtype=np.int64)
-            end_r = [int(cons_a[e]) for e in end.tolist() for _ in rows[cons_a[e]].end_ids]
-            end_t = [t for e in end.tolist() for t in rows[cons_a[e]].end_ids]
-            r_idx = torch.from_numpy(np.concatenate([cons_a[ar], np.asarray(end_r, dtype=np.int64)]))
-            t_idx = torch.from_numpy(np.concatenate([at, np.asarray(end_t, dtype=np.int64)]))
-            keep = torch.ones(sub.shape, dtype=torch.bool)
-            keep[torch.from_numpy(cons_a)] = False
-            keep[r_idx, t_idx] = True
-            sub = sub.masked_fill(~keep.to(sub.device, non_blocking=True), float("-inf"))
-        if whole:
-            if sub is not logits:
-                logits.copy_(sub)
+        if not cons:
+            return logits
+        gen = [rows[k].prompt_tail + rows[k].output if rows[k].prompt_tail else rows[k].output for k in cons]
+        ar, at, end = self.masker.allowed([rows[k].req for k in cons], gen)
+        global_rows = np.asarray([batch[k] for k in cons], dtype=np.int64)
+        end_ids = [rows[cons[e]].end_ids for e in end.tolist()]
+        end_r = np.repeat(global_rows[end], [len(e) for e in end_ids]) if len(end) else np.zeros(0, np.int64)
+        end_t = np.asarray([t for e in end_ids for t in e], dtype=np.int64)
+        r_idx = torch.from_numpy(np.concatenate([global_rows[ar], end_r])).to(device, non_blocking=True)
+        t_idx = torch.from_numpy(np.concatenate([at, end_t])).to(device, non_blocking=True)
+        kept = logits[r_idx, t_idx]
+        if len(cons) == n:
+            logits.fill_(float("-inf"))
         else:
-            logits[batch] = sub
+            logits.index_fill_(0, torch.from_numpy(global_rows).to(device), float("-inf"))
+        logits[r_idx, t_idx] = kept
         return logits
 
 
