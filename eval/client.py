@@ -97,6 +97,8 @@ class ServerConfig:
                 "SIDREC_CHECKPOINT": str(Path(self.checkpoint).resolve()),
                 "SIDREC_RELOAD_SECONDS": str(self.reload_seconds),
                 "VLLM_CPU_KVCACHE_SPACE": str(int(self.kv_cache_gib)),
+                # GPU vLLM defaults to Model Runner V2, whose loader rejects V1 logits processors
+                "VLLM_USE_V2_MODEL_RUNNER": os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0"),
             }
         )
         # workers spawn fresh interpreters: they must import sid_tokenizer from this checkout

@@ -55,6 +55,8 @@ def load_vllm(
     from vllm import LLM
 
     os.environ[ENV_CHECKPOINT] = str(checkpoint)
+    # GPU vLLM defaults to Model Runner V2, whose loader rejects V1 logits processors
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
     kwargs = dict(
         model=str(checkpoint),
