@@ -60,15 +60,15 @@ class SidRanker:
     @torch.no_grad()
     def rank(self, prompts: list[str], num_beams: int = 20, batch_size: int = 16, constrained: bool = True,
              progress: bool = True, backend: str = "sid_beam") -> Ranking:
-        """Top ``num_beams`` SIDs per prompt.
+        """Top ``num_beams`` SIDs per prompt (None where a beam is not a catalogue SID).
 
         backend ``sid_beam`` (default): ``sid_beam_search`` (prefill once per prompt, then
-        expand the KV cache to the beams); ``hf``: ``model.generate`` with ``num_beams``
-        (prefills every beam copy; same results, slower).
+        expand the KV cache to the beams; scores are summed log-probabilities); ``hf``:
+        ``model.generate(num_beams=K)`` (prefills every beam copy; same beams, slower; scores
+        length-normalised by transformers).
         """
-        if backend == "hf":
-            return self._rank_hf(prompts, num_beams, batch_size, constrained, progress)
-        if backend != "sid_beam":
+        decode_batch = {"sid_beam": self._beams_sid, "hf": self._beams_hf}.get(backend)
+        if decode_batch is None:
             raise ValueError(f"unknown backend {backend!r}: 'sid_beam' or 'hf'")
         model = self.model
         was_training = model.training
@@ -85,54 +85,34 @@ class SidRanker:
             if constrained:
                 proc = SidLogitsProcessor(self.trie, self.level_token_ids, batch["input_ids"].shape[1],
                                           tok.eos_token_id, vocab_size=model.config.vocab_size)
-            gen, scores = sid_beam_search(model, batch["input_ids"], batch["attention_mask"], num_beams,
-                                          self.num_levels, proc)
-            sids = self.decode_codes(gen.reshape(-1, self.num_levels).cpu().numpy())
-            flat_scores = scores.reshape(-1).cpu().tolist()
+            gen, scores = decode_batch(batch, num_beams, proc)  # (B*K, L) token ids, (B*K,) scores
+            sids = self.decode_codes(gen)
             for i in range(0, len(sids), num_beams):
-                row = [s if np.isfinite(sc) else None for s, sc in zip(sids[i:i + num_beams],
-                                                                        flat_scores[i:i + num_beams], strict=True)]
-                all_sids.append(row)
-                all_scores.append(flat_scores[i:i + num_beams])
+                row_scores = scores[i:i + num_beams]
+                all_sids.append([s if np.isfinite(sc) else None for s, sc in zip(sids[i:i + num_beams],
+                                                                                 row_scores, strict=True)])
+                all_scores.append(row_scores)
         if was_training:
             model.train()
         return Ranking(all_sids, all_scores)
 
-    def _rank_hf(self, prompts: list[str], num_beams: int, batch_size: int, constrained: bool,
-                 progress: bool) -> Ranking:
-        model = self.model
-        was_training = model.training
-        model.eval()
+    def _beams_sid(self, batch, num_beams: int, proc) -> tuple[np.ndarray, list[float]]:
+        gen, scores = sid_beam_search(self.model, batch["input_ids"], batch["attention_mask"], num_beams,
+                                      self.num_levels, proc)
+        return gen.reshape(-1, self.num_levels).cpu().numpy(), scores.reshape(-1).cpu().tolist()
+
+    def _beams_hf(self, batch, num_beams: int, proc) -> tuple[np.ndarray, list[float]]:
         tok = self.tokenizer
-        tok.padding_side = "left"
-        device = next(model.parameters()).device
-        all_sids, all_scores = [], []
-        for start in tqdm(range(0, len(prompts), batch_size), desc="beam search", disable=not progress,
-                          leave=False):
-            batch = tok(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(device)
-            plen = batch["input_ids"].shape[1]
-            processors = []
-            if constrained:
-                processors.append(SidLogitsProcessor(self.trie, self.level_token_ids, plen, tok.eos_token_id,
-                                                     vocab_size=model.config.vocab_size))
-            out = model.generate(**batch, num_beams=num_beams, num_return_sequences=num_beams,
-                                 max_new_tokens=self.num_levels, min_new_tokens=self.num_levels,
-                                 do_sample=False, early_stopping=True, logits_processor=processors,
-                                 output_scores=True, return_dict_in_generate=True,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-            gen = out.sequences[:, plen:plen + self.num_levels].cpu().numpy()
-            if gen.shape[1] < self.num_levels:
-                gen = np.pad(gen, ((0, 0), (0, self.num_levels - gen.shape[1])), constant_values=-1)
-            sids = self.decode_codes(gen)
-            scores = out.sequences_scores.cpu().tolist() if out.sequences_scores is not None else \
-                [0.0] * len(sids)
-            for i in range(0, len(sids), num_beams):
-                all_sids.append(sids[i:i + num_beams])
-                all_scores.append(scores[i:i + num_beams])
-        if was_training:
-            model.train()
-        return Ranking(all_sids, all_scores)
+        plen = batch["input_ids"].shape[1]
+        out = self.model.generate(**batch, num_beams=num_beams, num_return_sequences=num_beams,
+                                  max_new_tokens=self.num_levels, min_new_tokens=self.num_levels,
+                                  do_sample=False, early_stopping=True, logits_processor=[proc] if proc else [],
+                                  output_scores=True, return_dict_in_generate=True,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        gen = out.sequences[:, plen:plen + self.num_levels].cpu().numpy()
+        if gen.shape[1] < self.num_levels:
+            gen = np.pad(gen, ((0, 0), (0, self.num_levels - gen.shape[1])), constant_values=-1)
+        return gen, out.sequences_scores.cpu().tolist()
 
     def to_item_groups(self, ranking: Ranking) -> list[list[list[int]]]:
         """Ranked SIDs -> ranked groups of item ids ([] for an invalid SID)."""
