@@ -155,7 +155,8 @@ class VllmSidRanker:
                 flat = out.outputs[0].logprobs  # FlatLogprobs of one position: sampled + top-k
                 s, e = flat.start_indices[0], flat.end_indices[0]
                 base = beams[p][b][1]
-                for tok, v in zip(flat.token_ids[s:e], flat.logprobs[s:e], strict=True):
+                # the sampled token comes first and again among the top-k: dict() drops the repeat
+                for tok, v in dict(zip(flat.token_ids[s:e], flat.logprobs[s:e], strict=True)).items():
                     if v > _MASKED and np.isfinite(v):
                         cands[p].append((base + v, b, tok))
             new_beams = []
