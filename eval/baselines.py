@@ -401,16 +401,35 @@ def build_baseline(name: str, sasrec: SASRecConfig | None = None, seed: int = 0)
 
 
 def evaluate_recommender(
-    model: Recommender, dataset: RecDataset, split: str, ks: tuple[int, ...] | list[int]
+    model: Recommender,
+    dataset: RecDataset,
+    split: str,
+    ks: tuple[int, ...] | list[int],
+    exclude_history: bool = False,
 ) -> dict[str, Any]:
     """Rank the full catalogue for every example of ``split`` and score it with `rank_metrics`.
 
-    Adds ``history_share``: the mean share of each top-``max(ks)`` list that repeats a history
-    item (history items are not filtered out; in the Amazon 5-core data no target is a repeat).
+    ``exclude_history=False`` is this project's protocol (every model may recommend repeats).
+    ``exclude_history=True`` drops the example's history items from the ranking, as RecBole-style
+    full-sort evaluations do; it is a reference for published numbers, not the headline.
+
+    Adds two diagnostics of the unfiltered ranking: ``history_share`` (mean share of each
+    top-``max(ks)`` list that repeats a history item) and ``history_top1`` (share of examples whose
+    first item is a history item). In the Amazon 5-core data no valid/test target is a repeat.
     """
     exs = examples(dataset, split)
-    ranked = model.rank([e.history for e in exs], max(ks))
+    histories = [e.history for e in exs]
+    kmax = max(ks)
+    if exclude_history:
+        longest = max((len(set(h)) for h in histories), default=0)
+        ranked = [
+            [i for i in r if i not in hist][:kmax]
+            for r, hist in zip(model.rank(histories, kmax + longest), map(set, histories), strict=True)
+        ]
+    else:
+        ranked = model.rank(histories, kmax)
     res = rank_metrics(singleton_groups(ranked), [e.target for e in exs], ks=ks)
-    shares = [len(set(r) & set(e.history)) / len(r) if r else 0.0 for r, e in zip(ranked, exs, strict=True)]
-    res["history_share"] = float(np.mean(shares)) if shares else float("nan")
+    in_history = [[i in hist for i in r] for r, hist in zip(ranked, map(set, histories), strict=True)]
+    res["history_share"] = float(np.mean([np.mean(f) if f else 0.0 for f in in_history])) if exs else math.nan
+    res["history_top1"] = float(np.mean([bool(f and f[0]) for f in in_history])) if exs else math.nan
     return res

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,22 @@ def test_popularity_ranking_valid_uses_train_only():
     # valid targets 2, 2, 4 sit at ranks 4, 4, 5
     assert res["HR@3"] == 0.0
     assert res["HR@5"] == pytest.approx(1.0)
+
+
+def test_history_diagnostics_and_history_filtered_ranking():
+    ds = tiny_dataset()
+    pop = Popularity()
+    pop.fit(ds, "valid")
+    plain = evaluate_recommender(pop, ds, "valid", ks=(1, 3, 5))
+    # top-1 is item 1 for everyone, and item 1 is in every validation history
+    assert plain["history_top1"] == 1.0
+    assert plain["history_share"] == pytest.approx((2 / 5 + 1 / 5 + 2 / 5) / 3)
+    filtered = evaluate_recommender(pop, ds, "valid", ks=(1, 3, 5), exclude_history=True)
+    # histories [0, 1], [1], [1, 3] removed: targets 2, 2, 4 move to ranks 2, 3, 3
+    assert filtered["HR@1"] == 0.0
+    assert filtered["HR@3"] == pytest.approx(1.0)
+    assert filtered["NDCG@3"] == pytest.approx((1 / math.log2(3) + 0.5 + 0.5) / 3)
+    assert filtered["history_share"] == 0.0 and filtered["history_top1"] == 0.0
 
 
 def test_popularity_ranking_test_counts_valid_targets():
@@ -141,6 +158,7 @@ def test_sasrec_beats_random_on_scientific():
 def test_baselines_main_writes_report(tmp_path):
     ds_dir = tiny_dataset().save(tmp_path / "dataset")
     args = BaselineArgs(
+        history_filtered_rows=True,
         dataset_dir=str(ds_dir),
         output_dir=str(tmp_path / "out"),
         baselines=["random", "popularity", "sasrec"],
@@ -149,7 +167,11 @@ def test_baselines_main_writes_report(tmp_path):
         torch_threads=1,
     )
     results = run_baselines(args, SASRecConfig(hidden_size=8, epochs=1))
-    assert set(results) == {f"{m}/{s}" for m in ("random", "popularity", "sasrec") for s in ("valid", "test")}
+    models = ("random", "popularity", "sasrec")
+    assert set(results) == {
+        f"{m}{suffix}/{s}" for m in models for s in ("valid", "test") for suffix in ("", "_history_filtered")
+    }
+    assert results["sasrec_history_filtered/test"]["model"] == "sasrec (history filtered)"
     report = json.loads((tmp_path / "out" / "baselines.json").read_text())
     assert report["results"]["popularity/test"]["metrics"]["HR@3"]["value"] == pytest.approx(2 / 3)
     assert report["meta"]["counts"]["users"] == 3
