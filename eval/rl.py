@@ -170,7 +170,9 @@ class SidConstraint:
 _MASKED = -1e9  # finite, so 0 * log p stays 0 (an -inf would give NaN gradients through the entropy)
 
 
-def constrained_logps(logits: torch.Tensor, tokens: torch.Tensor, allowed: torch.Tensor) -> dict[str, torch.Tensor]:
+def constrained_logps(
+    logits: torch.Tensor, tokens: torch.Tensor, allowed: torch.Tensor
+) -> dict[str, torch.Tensor]:
     """Per-token statistics of ``tokens`` under ``logits`` renormalised over ``allowed``.
 
     logits (N, V) float, tokens (N,), allowed (N, V) bool. A token outside its allowed set (a
@@ -243,8 +245,11 @@ def add_constrained_lm_head(model, constraint: SidConstraint, temperature: float
         stats = constrained_logps(logits, tokens, allowed)
         off = stats.pop("off_trie")
         if off.any():
-            logger.warning("%d of %d completion tokens are outside the SID constraint; scored unconstrained",
-                           int(off.sum()), len(off))
+            logger.warning(
+                "%d of %d completion tokens are outside the SID constraint; scored unconstrained",
+                int(off.sum()),
+                len(off),
+            )
         # (B, T-1) like TRL's fused head: zero (False) where the label is -100
         per_token = {k: v.new_zeros(mask.shape).masked_scatter(mask, v) for k, v in stats.items()}
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
@@ -253,6 +258,19 @@ def add_constrained_lm_head(model, constraint: SidConstraint, temperature: float
     import types
 
     model.forward = types.MethodType(forward, model)
+
+
+def disable_attention_dropout(model) -> int:
+    """Zero the attention dropout of HF attention modules (a float attribute read in ``forward``,
+    which TRL's ``disable_dropout`` misses: it only zeroes ``nn.Dropout`` modules). Otherwise the
+    policy's log-probs are noisy against the (eval-mode) reference and the KL is inflated. The
+    saved config keeps its value. Returns the number of modules changed."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout > 0:
+            module.attention_dropout = 0.0
+            changed += 1
+    return changed
 
 
 def _lm_to_patch(trainer, model):
@@ -301,6 +319,8 @@ class SidGRPOTrainer(RankingEvalMixin, GRPOTrainer):
                     f"steps_per_generation = {per_gen} is not a multiple of num_generations {self.num_generations}"
                 )
         self.rollout = rollout
+        if self.args.disable_dropout:
+            disable_attention_dropout(self.model)
         self.constraint = SidConstraint(
             catalogue_index, self._tokenizer, self.accelerator.unwrap_model(self.model).config.vocab_size
         )
@@ -420,6 +440,8 @@ class SidDPOTrainer(RankingEvalMixin, DPOTrainer):
                 "precompute_ref_log_probs runs before the constrained head is installed; set it false"
             )
         super().__init__(*args, **kwargs)
+        if self.args.disable_dropout:
+            disable_attention_dropout(self.model)
         self.constraint = SidConstraint(
             catalogue_index,
             self.processing_class,
@@ -513,13 +535,18 @@ def sasrec_item_scorer(
 
 RL_PANELS: list[tuple[str, Callable[[str], bool]]] = [
     # GRPO
-    ("reward by component (train)", lambda k: k == "reward" or k.startswith("rewards/") and k.endswith("/mean")),
+    (
+        "reward by component (train)",
+        lambda k: k == "reward" or k.startswith("rewards/") and k.endswith("/mean"),
+    ),
     ("KL to the SFT model (train)", lambda k: k == "kl"),
     ("rollouts that are catalogue SIDs", lambda k: k == "completions/valid_sid"),
     ("loss (train / eval)", lambda k: k in ("loss", "eval_loss")),
     # DPO
-    ("DPO implicit rewards", lambda k: k.removeprefix("eval_") in ("rewards/chosen", "rewards/rejected",
-                                                                   "rewards/margins")),
+    (
+        "DPO implicit rewards",
+        lambda k: k.removeprefix("eval_") in ("rewards/chosen", "rewards/rejected", "rewards/margins"),
+    ),
     ("DPO pair accuracy", lambda k: k.removeprefix("eval_") == "rewards/accuracies"),
     # both
     ("validation ranking (constrained beams)", lambda k: k in ("eval_NDCG@10", "eval_HR@10")),
@@ -547,7 +574,7 @@ def plot_rl_curves(log_history: list[dict], path: str | Path, title: str = "") -
     cols = min(max(len(panels), 1), 3)
     rows = -(-max(len(panels), 1) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     for ax, (name, curves) in zip(axes.flat, panels, strict=False):
         for k, (x, y) in sorted(curves.items()):

@@ -48,27 +48,44 @@ CONFIGS = {"grpo": GRPOConfig, "dpo": DPOConfig}
 @dataclass
 class RLScriptArgs:
     algorithm: str = field(default="grpo", metadata={"help": "grpo | dpo"})
-    dataset_dir: str | None = field(default=None, metadata={
-        "help": "dataset dir (default: the one recorded in <model_name_or_path>/sidrec/meta.json)"})
+    dataset_dir: str | None = field(
+        default=None,
+        metadata={"help": "dataset dir (default: the one recorded in <model_name_or_path>/sidrec/meta.json)"},
+    )
     max_history: int = 20
     prompt_format: str = field(default="seq2seq", metadata={"help": "seq2seq (raw, as evaluated) | chat"})
-    num_train_prompts: int = field(default=2000, metadata={"help": "RL prompts drawn from the training sequences"})
-    prefix_sampling: str = field(default="uniform", metadata={
-        "help": "uniform: cut each sequence at a random position | last: predict its last training item"})
-    eval_prompts: int = field(default=64, metadata={"help": "validation users for eval reward / DPO eval loss"})
+    num_train_prompts: int = field(
+        default=2000, metadata={"help": "RL prompts drawn from the training sequences"}
+    )
+    prefix_sampling: str = field(
+        default="uniform",
+        metadata={
+            "help": "uniform: cut each sequence at a random position | last: predict its last training item"
+        },
+    )
+    eval_prompts: int = field(
+        default=64, metadata={"help": "validation users for eval reward / DPO eval loss"}
+    )
     # GRPO
     rollout: str = field(default="beam", metadata={"help": "beam: G distinct beams per prompt | sample"})
-    reward_funcs: list[str] = field(default_factory=lambda: ["exact", "rank"], metadata={
-        "help": "names in eval.rewards.REWARDS; weights: reward_weights"})
-    constrain_logprobs: bool = field(default=True, metadata={
-        "help": "log-probs (policy, reference, DPO margins) under the SID constraint"})
-    collaborative_sasrec_epochs: int = field(default=50, metadata={"help": "SASRec epochs for 'collaborative'"})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["exact", "rank"],
+        metadata={"help": "names in eval.rewards.REWARDS; weights: reward_weights"},
+    )
+    constrain_logprobs: bool = field(
+        default=True, metadata={"help": "log-probs (policy, reference, DPO margins) under the SID constraint"}
+    )
+    collaborative_sasrec_epochs: int = field(
+        default=50, metadata={"help": "SASRec epochs for 'collaborative'"}
+    )
     # DPO
     num_negatives: int = field(default=3, metadata={"help": "rejected items per prompt (one pair each)"})
     mining_beams: int = field(default=10, metadata={"help": "beams ranked when mining negatives"})
     mining_batch_size: int = 32
     # ranking eval during training (eval.training.RankingEvalMixin)
-    rank_eval_users: int = field(default=300, metadata={"help": "validation users ranked at each eval (0: off)"})
+    rank_eval_users: int = field(
+        default=300, metadata={"help": "validation users ranked at each eval (0: off)"}
+    )
     rank_eval_beams: int = 20
     seed_data: int = 0
 
@@ -95,55 +112,104 @@ def main(script_args: RLScriptArgs, training_args: GRPOConfig | DPOConfig, model
 
     sft = Path(model_args.model_name_or_path)
     if not (sft / "sidrec" / "meta.json").exists():
-        raise FileNotFoundError(f"{sft}: model_name_or_path must be a sidrec checkpoint (an SFT final dir with sidrec/)")
+        raise FileNotFoundError(
+            f"{sft}: model_name_or_path must be a sidrec checkpoint (an SFT final dir with sidrec/)"
+        )
     catalogue = Catalogue.load(sft)
     index = catalogue.index
     dataset_dir = script_args.dataset_dir or read_json(sft / "sidrec" / "meta.json")["dataset_dir"]
     dataset = RecDataset.load(dataset_dir)
     if len(index) != dataset.num_items:
-        raise ValueError(f"{sft}/sidrec has {len(index)} items, dataset {dataset_dir} has {dataset.num_items}")
+        raise ValueError(
+            f"{sft}/sidrec has {len(index)} items, dataset {dataset_dir} has {dataset.num_items}"
+        )
     out = Path(training_args.output_dir)
 
     tokenizer = AutoTokenizer.from_pretrained(sft)
     tokenizer.padding_side = "left"
     dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "auto"
-    model = AutoModelForCausalLM.from_pretrained(sft, dtype=dtype, attn_implementation=model_args.attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        sft, dtype=dtype, attn_implementation=model_args.attn_implementation
+    )
 
-    train_rows = rl_prompt_rows(index, dataset.train, script_args.num_train_prompts, script_args.max_history,
-                                script_args.prefix_sampling, script_args.prompt_format, seed=script_args.seed_data)
-    eval_rows = example_rows(index, dataset.valid[: script_args.eval_prompts], script_args.max_history,
-                             script_args.prompt_format)
+    train_rows = rl_prompt_rows(
+        index,
+        dataset.train,
+        script_args.num_train_prompts,
+        script_args.max_history,
+        script_args.prefix_sampling,
+        script_args.prompt_format,
+        seed=script_args.seed_data,
+    )
+    eval_rows = example_rows(
+        index, dataset.valid[: script_args.eval_prompts], script_args.max_history, script_args.prompt_format
+    )
     rank_eval = (dataset, index, dataset.valid, script_args) if script_args.rank_eval_users > 0 else None
-    common = dict(model=model, args=training_args, processing_class=tokenizer, peft_config=get_peft_config(model_args),
-                  catalogue_index=index, constrain_logprobs=script_args.constrain_logprobs, rank_eval=rank_eval)
+    common = dict(
+        model=model,
+        args=training_args,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        catalogue_index=index,
+        constrain_logprobs=script_args.constrain_logprobs,
+        rank_eval=rank_eval,
+    )
 
     if script_args.algorithm == "grpo":
         # a completion is L SID tokens + EOS; the constraint forces EOS after the last level
         training_args.max_completion_length = index.vocab.num_levels + 1
         scorer = None
         if "collaborative" in script_args.reward_funcs:
-            scorer = sasrec_item_scorer(dataset, seed=training_args.seed, epochs=script_args.collaborative_sasrec_epochs)
+            scorer = sasrec_item_scorer(
+                dataset, seed=training_args.seed, epochs=script_args.collaborative_sasrec_epochs
+            )
         trainer = SidGRPOTrainer(
             reward_funcs=bind_rewards(script_args.reward_funcs, RewardContext(index, item_scorer=scorer)),
-            train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
-            rollout=script_args.rollout, **common)
+            train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+            rollout=script_args.rollout,
+            **common,
+        )
     else:
+
         def mine(rows):
-            return lambda: mine_preference_pairs(model, tokenizer, index, rows, script_args.num_negatives,
-                                                 script_args.mining_beams, script_args.mining_batch_size)
+            return lambda: mine_preference_pairs(
+                model,
+                tokenizer,
+                index,
+                rows,
+                script_args.num_negatives,
+                script_args.mining_beams,
+                script_args.mining_batch_size,
+            )
 
         train_pairs = mined_pairs(out / "pairs_train.jsonl", training_args, mine(train_rows))
-        eval_pairs = mined_pairs(out / "pairs_eval.jsonl", training_args, mine(eval_rows)) if eval_rows else []
-        logger.info("DPO pairs: %d train (%d prompts), %d eval", len(train_pairs), len(train_rows), len(eval_pairs))
+        eval_pairs = (
+            mined_pairs(out / "pairs_eval.jsonl", training_args, mine(eval_rows)) if eval_rows else []
+        )
+        logger.info(
+            "DPO pairs: %d train (%d prompts), %d eval", len(train_pairs), len(train_rows), len(eval_pairs)
+        )
         keep = ["prompt", "chosen", "rejected"]
         trainer = SidDPOTrainer(
             train_dataset=Dataset.from_list([{k: p[k] for k in keep} for p in train_pairs]),
-            eval_dataset=Dataset.from_list([{k: p[k] for k in keep} for p in eval_pairs]) if eval_pairs else None,
-            **common)
+            eval_dataset=Dataset.from_list([{k: p[k] for k in keep} for p in eval_pairs])
+            if eval_pairs
+            else None,
+            **common,
+        )
 
-    atomic_write_json(out / "rl_meta.json", {"stage": "recipes.rl", "sft_checkpoint": str(sft),
-                                             "dataset_dir": dataset_dir, "script_args": asdict(script_args),
-                                             "train_prompts": len(train_rows), "eval_prompts": len(eval_rows)})
+    atomic_write_json(
+        out / "rl_meta.json",
+        {
+            "stage": "recipes.rl",
+            "sft_checkpoint": str(sft),
+            "dataset_dir": dataset_dir,
+            "script_args": asdict(script_args),
+            "train_prompts": len(train_rows),
+            "eval_prompts": len(eval_rows),
+        },
+    )
     last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
     if last:
         logger.info("resuming from %s", last)
@@ -153,8 +219,11 @@ def main(script_args: RLScriptArgs, training_args: GRPOConfig | DPOConfig, model
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(final)
         copy_catalogue(sft, final)
-        plot_rl_curves(trainer.state.log_history, out / "training_curves.png",
-                       title=f"{script_args.algorithm} from {sft}")
+        plot_rl_curves(
+            trainer.state.log_history,
+            out / "training_curves.png",
+            title=f"{script_args.algorithm} from {sft}",
+        )
     logger.info("saved %s", final)
 
 

@@ -26,24 +26,32 @@ def sid(codes) -> str:
 
 def call(name, ctx, completions, **kw):
     (f,) = bind_rewards([name], ctx)
-    return f(prompts=["p"] * len(completions), completions=completions, completion_ids=[[]] * len(completions), **kw)
+    return f(
+        prompts=["p"] * len(completions),
+        completions=completions,
+        completion_ids=[[]] * len(completions),
+        **kw,
+    )
 
 
 # ---------------------------------------------------------------- parsing
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("<a_0><b_0><c_1>", (0, 0, 1)),
-    ("  <a_0><b_0><c_1>\n", (0, 0, 1)),
-    ("<a_0> <b_0> <c_1>", (0, 0, 1)),        # some tokenizers decode added tokens with spaces
-    ("<a_0><b_0>", None),                     # too short
-    ("<a_0><b_0><c_1><a_1>", None),           # too long
-    ("<b_0><a_0><c_1>", None),                # levels out of order
-    ("<a_0><b_0><c_9>", None),                # code beyond the codebook
-    ("item <a_0><b_0><c_1>", None),           # text around the SID
-    ("<a_0><b_0><c_1>.", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("<a_0><b_0><c_1>", (0, 0, 1)),
+        ("  <a_0><b_0><c_1>\n", (0, 0, 1)),
+        ("<a_0> <b_0> <c_1>", (0, 0, 1)),  # some tokenizers decode added tokens with spaces
+        ("<a_0><b_0>", None),  # too short
+        ("<a_0><b_0><c_1><a_1>", None),  # too long
+        ("<b_0><a_0><c_1>", None),  # levels out of order
+        ("<a_0><b_0><c_9>", None),  # code beyond the codebook
+        ("item <a_0><b_0><c_1>", None),  # text around the SID
+        ("<a_0><b_0><c_1>.", None),
+        ("", None),
+    ],
+)
 def test_parse_sid(ctx, text, expected):
     assert parse_sid(text, ctx.index) == expected
 
@@ -63,7 +71,14 @@ def test_exact_is_item_level(ctx):
 
 
 def test_prefix_gives_partial_credit_from_the_first_level(ctx):
-    completions = [sid((0, 0, 1)), sid((0, 0, 0)), sid((0, 1, 0)), sid((1, 0, 1)), "<a_0><b_0>", sid((3, 3, 3))]
+    completions = [
+        sid((0, 0, 1)),
+        sid((0, 0, 0)),
+        sid((0, 1, 0)),
+        sid((1, 0, 1)),
+        "<a_0><b_0>",
+        sid((3, 3, 3)),
+    ]
     # target item 1 = (0, 0, 1); (1, 0, 1) matches levels b and c but not a: no credit
     assert call("prefix", ctx, completions, target_item=[1] * 6) == pytest.approx([1, 2 / 3, 1 / 3, 0, 0, 0])
 
@@ -85,7 +100,14 @@ def test_rank_penalties_sum_to_minus_one_and_decrease_with_rank():
 
 def test_rank_penalises_wrong_items_above_in_groups_with_a_hit(ctx):
     # two beam groups of 3: the first contains the target (item 2) at rank 2, the second does not
-    completions = [sid((0, 0, 0)), sid((0, 1, 0)), sid((0, 0, 1)), sid((0, 0, 0)), sid((0, 0, 1)), sid((1, 1, 0))]
+    completions = [
+        sid((0, 0, 0)),
+        sid((0, 1, 0)),
+        sid((0, 0, 1)),
+        sid((0, 0, 0)),
+        sid((0, 0, 1)),
+        sid((1, 1, 0)),
+    ]
     p = rank_penalties(3)
     r = call("rank", ctx, completions, target_item=[2] * 3 + [2] * 3, beam_rank=[1, 2, 3, 1, 2, 3])
     assert r == pytest.approx([p[0], 0.0, p[2], 0.0, 0.0, 0.0])
@@ -96,7 +118,8 @@ def test_rank_penalises_wrong_items_above_in_groups_with_a_hit(ctx):
 def test_rank_counts_a_collision_group_containing_the_target_as_a_hit(ctx):
     completions = [sid((1, 1, 0)), sid((0, 0, 0))]
     assert call("rank", ctx, completions, target_item=[4, 4], beam_rank=[1, 2]) == pytest.approx(
-        [0.0, rank_penalties(2)[1]])
+        [0.0, rank_penalties(2)[1]]
+    )
 
 
 def test_rank_needs_beam_ranks(ctx):
@@ -143,6 +166,12 @@ def test_registry_names_and_binding(ctx):
 
 def test_rewards_accept_trl_keyword_arguments(ctx):
     # TRL passes trainer_state, log_metric, log_extra and every dataset column
-    extra = {"trainer_state": None, "log_metric": print, "log_extra": print, "history": [[0]], "target_item": [0]}
+    extra = {
+        "trainer_state": None,
+        "log_metric": print,
+        "log_extra": print,
+        "history": [[0]],
+        "target_item": [0],
+    }
     for name in ("exact", "prefix", "validity"):
         assert call(name, ctx, [sid((0, 0, 0))], **extra) == [1.0]
