@@ -139,6 +139,12 @@ class SASRecConfig:
     patience: int = field(
         default=5, metadata={"help": "stop after this many epochs without a better validation NDCG@10"}
     )
+    tied_output: bool = field(
+        default=True,
+        metadata={
+            "help": "score items against the input embedding table (SASRec); False: a separate output table"
+        },
+    )
     eval_batch_size: int = 1024
     bf16: bool = field(
         default=False,
@@ -172,11 +178,16 @@ class SASRecModel(nn.Module):
         self.num_heads = cfg.num_heads
         self.dropout = cfg.dropout
         self.item_emb = nn.Embedding(num_items + 1, h, padding_idx=0)
+        # untied: a separate output table, so the residual copy of the last input item in the
+        # hidden state does not make that item score high (see SASRecConfig.tied_output)
+        self.out_emb = None if cfg.tied_output else nn.Embedding(num_items + 1, h)
         self.pos_emb = nn.Embedding(cfg.max_len, h)
         self.emb_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(_Block(h, cfg.num_heads, cfg.dropout) for _ in range(cfg.num_blocks))
         self.norm = nn.LayerNorm(h)
         nn.init.normal_(self.item_emb.weight, std=h**-0.5)
+        if self.out_emb is not None:
+            nn.init.normal_(self.out_emb.weight, std=h**-0.5)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
@@ -189,9 +200,13 @@ class SASRecModel(nn.Module):
             x = block(x)
         return self.norm(x)
 
+    def output_weight(self) -> torch.Tensor:
+        """(num_items + 1, H) item vectors that hidden states are scored against."""
+        return self.item_emb.weight if self.out_emb is None else self.out_emb.weight
+
     def scores(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (N, H) -> scores (N, num_items + 1); column 0 (padding) is -inf."""
-        logits = hidden @ self.item_emb.weight.T
+        logits = hidden @ self.output_weight().T
         logits[:, 0] = float("-inf")
         return logits
 
@@ -350,7 +365,7 @@ class SASRec:
         if self.cfg.loss == "ce":
             return F.cross_entropy(self.model.scores(h).float(), pos), int(pos.numel())
         neg = torch.as_tensor(rng.integers(1, self.num_items + 1, size=pos.numel()), dtype=torch.long)
-        w = self.model.item_emb.weight
+        w = self.model.output_weight()
         pos_logit = (h * w[pos]).sum(-1)
         neg_logit = (h * w[neg]).sum(-1)
         loss = F.softplus(-pos_logit).mean() + F.softplus(neg_logit).mean()
