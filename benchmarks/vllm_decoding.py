@@ -155,7 +155,7 @@ def main() -> None:
     from vllm import SamplingParams
 
     ov_prompts = (prompts * (args.overhead_prompts // len(prompts) + 1))[: args.overhead_prompts]
-    free = SamplingParams(max_tokens=L, min_tokens=L, ignore_eos=True, temperature=0.0, detokenize=False)
+    free = SamplingParams(max_tokens=L, ignore_eos=True, temperature=0.0, detokenize=False)
     cons = SamplingParams(max_tokens=L, temperature=0.0, detokenize=False, extra_args={"sid_constrained": 1})
     llm.generate(ov_prompts[:16], free, use_tqdm=False)
     llm.generate(ov_prompts[:16], cons, use_tqdm=False)

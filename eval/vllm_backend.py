@@ -45,6 +45,7 @@ def load_vllm(
     seed: int = 0,
     enforce_eager: bool = True,
     gpu_memory_utilization: float | None = None,
+    warmup: bool = True,
     **engine_kwargs,
 ):
     """A ``vllm.LLM`` on a sidrec checkpoint, set up for ``VllmSidRanker``.
@@ -73,7 +74,15 @@ def load_vllm(
     if gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     kwargs.update(engine_kwargs)
-    return LLM(**kwargs)
+    llm = LLM(**kwargs)
+    if warmup:  # the first constrained logprobs step costs seconds (lazy init in the worker): pay it here
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            max_tokens=1, logprobs=1, extra_args={"sid_constrained": 1, "sid_logprobs": 1}
+        )
+        llm.generate(["warm-up"], params, use_tqdm=False)
+    return llm
 
 
 def shutdown_vllm(llm) -> None:
