@@ -8,7 +8,8 @@
                "extra": {...}}}              # anything JSON-serialisable (timings, config, ...)
 
 Row keys must be unique, so a model evaluated on two splits needs two keys
-(e.g. ``"sasrec/valid"`` and ``"sasrec/test"``).
+(e.g. ``"sasrec/valid"`` and ``"sasrec/test"``). Reports of separate runs (baselines, LLM
+checkpoints) are combined with ``python -m eval.report --inputs a.json b.json --output_prefix p``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +176,67 @@ def write_metrics_report(
         paths.append(prefix.with_name(prefix.name + ".png"))
         plot_metrics(results, paths[2])
     return paths
+
+
+def read_metrics_report(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Load a ``<prefix>.json`` written by `write_metrics_report` -> (results, meta)."""
+    from data_prep.io import DataError, read_json
+
+    report = read_json(path)
+    if not isinstance(report, dict) or not isinstance(report.get("results"), dict):
+        raise DataError(path, "not a metrics report: expected an object with a 'results' object")
+    for key, row in report["results"].items():
+        if not isinstance(row, dict) or not isinstance(row.get("metrics"), dict):
+            raise DataError(path, "row has no 'metrics' object", key=key, field="metrics")
+    return report["results"], report.get("meta", {})
+
+
+@dataclass
+class MergeReportsArgs:
+    inputs: list[str] = field(
+        default_factory=list, metadata={"help": "report JSON files; a later file's rows replace equal keys"}
+    )
+    output_prefix: str = field(default="outputs/report", metadata={"help": "writes <prefix>.{json,md,png}"})
+    title: str | None = field(default=None, metadata={"help": "markdown title"})
+    metrics: list[str] | None = field(default=None, metadata={"help": "table columns (default: all)"})
+    notes: list[str] = field(default_factory=list, metadata={"help": "lines under the title"})
+
+
+def merge_metrics_reports(args: MergeReportsArgs) -> dict[str, dict[str, Any]]:
+    """Concatenate the rows of several reports (e.g. baselines + an LLM run) into one report.
+
+    The merged meta keeps each input's meta under its path, so every row stays traceable.
+    """
+    if not args.inputs:
+        raise ValueError("inputs: give at least one report JSON")
+    results: dict[str, dict[str, Any]] = {}
+    metas: dict[str, Any] = {}
+    for path in args.inputs:
+        rows, meta = read_metrics_report(path)
+        results.update(rows)
+        metas[str(path)] = meta
+    write_metrics_report(
+        results,
+        args.output_prefix,
+        meta={"merged_from": metas},
+        metrics=args.metrics,
+        title=args.title,
+        notes=args.notes,
+    )
+    return results
+
+
+def main() -> None:
+    """``python -m eval.report --inputs a.json b.json --output_prefix docs/results/x``."""
+    import logging
+
+    from trl import TrlParser
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    (args,) = TrlParser((MergeReportsArgs,)).parse_args_and_config()
+    merge_metrics_reports(args)
+    logging.getLogger(__name__).info("wrote %s.{json,md,png}", args.output_prefix)
+
+
+if __name__ == "__main__":
+    main()

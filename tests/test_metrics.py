@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from data_prep.io import DataError
 from eval.metrics import (
     bootstrap_ci,
     hit_rank_and_weight,
@@ -14,7 +15,13 @@ from eval.metrics import (
     rank_metrics,
     singleton_groups,
 )
-from eval.report import metrics_markdown, write_metrics_report
+from eval.report import (
+    MergeReportsArgs,
+    merge_metrics_reports,
+    metrics_markdown,
+    read_metrics_report,
+    write_metrics_report,
+)
 
 
 def test_rank_one_gives_ndcg_one():
@@ -151,3 +158,25 @@ def test_report_writes_json_markdown_and_png(tmp_path):
     assert "fit_seconds=0.5" in md
     assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "HR@3" in metrics_markdown(results, metrics=["HR@3"])
+
+
+def test_merge_reports_concatenates_rows_and_keeps_meta(tmp_path):
+    cell = {"value": 0.1, "ci_low": 0.05, "ci_high": 0.15}
+    a = {"pop/test": {"model": "pop", "split": "test", "metrics": {"HR@10": cell}}}
+    b = {"llm/test": {"model": "llm", "split": "test", "metrics": {"HR@10": dict(cell, value=0.2)}}}
+    write_metrics_report(a, tmp_path / "a", meta={"run": "a"}, plot=False)
+    write_metrics_report(b, tmp_path / "b", meta={"run": "b"}, plot=False)
+    args = MergeReportsArgs(
+        inputs=[str(tmp_path / "a.json"), str(tmp_path / "b.json")],
+        output_prefix=str(tmp_path / "merged"),
+        title="All",
+    )
+    merged = merge_metrics_reports(args)
+    assert list(merged) == ["pop/test", "llm/test"]
+    results, meta = read_metrics_report(tmp_path / "merged.json")
+    assert results["llm/test"]["metrics"]["HR@10"]["value"] == 0.2
+    assert meta["merged_from"][str(tmp_path / "b.json")] == {"run": "b"}
+    assert "| llm | 0.2000 [0.0500, 0.1500] |" in (tmp_path / "merged.md").read_text()
+    (tmp_path / "bad.json").write_text('{"results": {"x": {}}}')
+    with pytest.raises(DataError, match="metrics"):
+        read_metrics_report(tmp_path / "bad.json")
