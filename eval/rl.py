@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -588,3 +589,50 @@ def plot_rl_curves(log_history: list[dict], path: str | Path, title: str = "") -
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+@dataclass
+class RLReportArgs:
+    inputs: list[str] = field(
+        metadata={"help": "metrics.json files written by eval.evaluate (one per model)"}
+    )
+    output: str = field(
+        default="docs/results/rl_scientific", metadata={"help": "report prefix (.json/.md/.png)"}
+    )
+    metrics: list[str] = field(default_factory=lambda: ["HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20"])
+    title: str = "SFT vs SFT+GRPO vs SFT+DPO"
+    notes: list[str] = field(default_factory=list, metadata={"help": "markdown lines above the tables"})
+
+
+def write_rl_report(args: RLReportArgs) -> list[Path]:
+    """Merge per-model ``eval.evaluate`` results into one report (``eval.report.write_metrics_report``)."""
+    from data_prep.io import read_json
+    from eval.report import write_metrics_report
+
+    results: dict[str, dict] = {}
+    for path in args.inputs:
+        for key, row in read_json(path)["results"].items():
+            if key in results:
+                raise ValueError(
+                    f"{path}: row {key!r} already read from an earlier input; give each model a name"
+                )
+            results[key] = row
+    return write_metrics_report(
+        results,
+        args.output,
+        meta={"inputs": list(args.inputs)},
+        metrics=args.metrics,
+        title=args.title,
+        notes=args.notes,
+    )
+
+
+if __name__ == "__main__":
+    from trl import TrlParser
+
+    (report_args,) = TrlParser((RLReportArgs,)).parse_args_and_config()
+    for written in write_rl_report(report_args):
+        print(written)

@@ -258,3 +258,28 @@ def test_dpo_mines_pairs_trains_resumes_and_saves(tiny_sft, tmp_path):
     assert any("eval_NDCG@10" in r for r in state["log_history"])
     final = out / "final"
     assert (final / "model.safetensors").exists() and (final / "sidrec" / "items.jsonl").exists()
+
+
+def test_rl_report_merges_eval_outputs(tmp_path):
+    from data_prep.io import atomic_write_json
+    from eval.rl import RLReportArgs, write_rl_report
+
+    def row(model, split, ndcg):
+        cell = {"value": ndcg, "ci_low": ndcg - 0.01, "ci_high": ndcg + 0.01}
+        return {"model": model, "split": split, "metrics": {"NDCG@10": cell, "HR@10": cell}, "extra": {}}
+
+    inputs = []
+    for model, ndcg in (("SFT", 0.03), ("SFT+GRPO", 0.035)):
+        path = tmp_path / model / "metrics.json"
+        atomic_write_json(
+            path, {"meta": {}, "results": {f"{model}/{s}": row(model, s, ndcg) for s in ("valid", "test")}}
+        )
+        inputs.append(str(path))
+    paths = write_rl_report(
+        RLReportArgs(inputs=inputs, output=str(tmp_path / "rl"), metrics=["HR@10", "NDCG@10"])
+    )
+    md = (tmp_path / "rl.md").read_text()
+    assert "| SFT+GRPO | 0.0350 [0.0250, 0.0450]" in md and "## valid" in md and "## test" in md
+    assert len(json.loads(paths[0].read_text())["results"]) == 4
+    with pytest.raises(ValueError, match="already read"):
+        write_rl_report(RLReportArgs(inputs=inputs + inputs[:1], output=str(tmp_path / "rl2")))
