@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_prep.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from data_prep.io import DataError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 _AT_K = re.compile(r"^(?P<family>[A-Za-z_]+)@(?P<k>\d+)$")
 _SPLIT_ORDER = {"test": 0, "valid": 1}
@@ -170,7 +170,9 @@ def write_metrics_report(
     """
     prefix = Path(path_prefix)
     paths = [prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".md")]
-    atomic_write_json(paths[0], {"meta": meta or {}, "results": results})
+    atomic_write_json(
+        paths[0], {"meta": meta or {}, "title": title, "notes": list(notes), "results": results}
+    )
     atomic_write_text(paths[1], metrics_markdown(results, metrics, title=title, notes=notes))
     if plot:
         paths.append(prefix.with_name(prefix.name + ".png"))
@@ -180,8 +182,6 @@ def write_metrics_report(
 
 def read_metrics_report(path: str | Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Load a ``<prefix>.json`` written by `write_metrics_report` -> (results, meta)."""
-    from data_prep.io import DataError, read_json
-
     report = read_json(path)
     if not isinstance(report, dict) or not isinstance(report.get("results"), dict):
         raise DataError(path, "not a metrics report: expected an object with a 'results' object")
@@ -197,9 +197,11 @@ class MergeReportsArgs:
         default_factory=list, metadata={"help": "report JSON files; a later file's rows replace equal keys"}
     )
     output_prefix: str = field(default="outputs/report", metadata={"help": "writes <prefix>.{json,md,png}"})
-    title: str | None = field(default=None, metadata={"help": "markdown title"})
+    title: str | None = field(default=None, metadata={"help": "markdown title (default: the first input's)"})
     metrics: list[str] | None = field(default=None, metadata={"help": "table columns (default: all)"})
-    notes: list[str] = field(default_factory=list, metadata={"help": "lines under the title"})
+    notes: list[str] = field(
+        default_factory=list, metadata={"help": "lines under the title (default: the first input's)"}
+    )
 
 
 def merge_metrics_reports(args: MergeReportsArgs) -> dict[str, dict[str, Any]]:
@@ -215,13 +217,14 @@ def merge_metrics_reports(args: MergeReportsArgs) -> dict[str, dict[str, Any]]:
         rows, meta = read_metrics_report(path)
         results.update(rows)
         metas[str(path)] = meta
+    first = read_json(args.inputs[0])
     write_metrics_report(
         results,
         args.output_prefix,
         meta={"merged_from": metas},
         metrics=args.metrics,
-        title=args.title,
-        notes=args.notes,
+        title=args.title if args.title is not None else first.get("title"),
+        notes=args.notes or first.get("notes") or (),
     )
     return results
 

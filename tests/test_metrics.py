@@ -164,7 +164,7 @@ def test_merge_reports_concatenates_rows_and_keeps_meta(tmp_path):
     cell = {"value": 0.1, "ci_low": 0.05, "ci_high": 0.15}
     a = {"pop/test": {"model": "pop", "split": "test", "metrics": {"HR@10": cell}}}
     b = {"llm/test": {"model": "llm", "split": "test", "metrics": {"HR@10": dict(cell, value=0.2)}}}
-    write_metrics_report(a, tmp_path / "a", meta={"run": "a"}, plot=False)
+    write_metrics_report(a, tmp_path / "a", meta={"run": "a"}, plot=False, notes=["protocol note"])
     write_metrics_report(b, tmp_path / "b", meta={"run": "b"}, plot=False)
     args = MergeReportsArgs(
         inputs=[str(tmp_path / "a.json"), str(tmp_path / "b.json")],
@@ -176,7 +176,9 @@ def test_merge_reports_concatenates_rows_and_keeps_meta(tmp_path):
     results, meta = read_metrics_report(tmp_path / "merged.json")
     assert results["llm/test"]["metrics"]["HR@10"]["value"] == 0.2
     assert meta["merged_from"][str(tmp_path / "b.json")] == {"run": "b"}
-    assert "| llm | 0.2000 [0.0500, 0.1500] |" in (tmp_path / "merged.md").read_text()
+    md = (tmp_path / "merged.md").read_text()
+    assert "| llm | 0.2000 [0.0500, 0.1500] |" in md
+    assert md.startswith("# All") and "protocol note" in md
     (tmp_path / "bad.json").write_text('{"results": {"x": {}}}')
     with pytest.raises(DataError, match="metrics"):
         read_metrics_report(tmp_path / "bad.json")
