@@ -81,7 +81,8 @@ def metrics_markdown(
     if title:
         lines += [f"# {title}", ""]
     if notes:
-        lines += [*notes, ""]
+        for note in notes:
+            lines += [note, ""]
     for split in _splits(results):
         rows = [(key, r) for key, r in results.items() if r.get("split", "") == split]
         lines += [f"## {split or 'results'}", ""]
