@@ -213,6 +213,7 @@ def main(script_args: RLScriptArgs, training_args: GRPOConfig | DPOConfig, model
     last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
     if last:
         logger.info("resuming from %s", last)
+        trainer.args.eval_on_start = False  # the starting point was evaluated by the first run
     trainer.train(resume_from_checkpoint=last)
     final = out / "final"
     save_final_model(trainer, final)
