@@ -605,10 +605,84 @@ class RLReportArgs:
     metrics: list[str] = field(default_factory=lambda: ["HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20"])
     title: str = "SFT vs SFT+GRPO vs SFT+DPO"
     notes: list[str] = field(default_factory=list, metadata={"help": "markdown lines above the tables"})
+    paired: list[str] = field(
+        default_factory=list,
+        metadata={"help": "NAME=CHECKPOINT ...: paired per-user differences to the first one (same users)"},
+    )
+    paired_splits: list[str] = field(default_factory=lambda: ["valid", "test"])
+    paired_metrics: list[str] = field(default_factory=lambda: ["NDCG@10", "HR@10"])
+    paired_max_users: int | None = field(default=None, metadata={"help": "seeded subset (as eval.evaluate)"})
+    num_beams: int = 20
+    max_history: int = 20
+    seed: int = 0
+    n_boot: int = 1000
+
+
+def paired_differences(args: RLReportArgs) -> list[dict]:
+    """Per-user metric differences of each ``paired`` checkpoint to the first, on the same users
+    (``eval.generate.evaluate_examples``, the code ``eval.evaluate`` runs), with percentile
+    bootstrap 95% CIs of the mean difference: far tighter than comparing two unpaired CIs."""
+    from data_prep.io import read_json
+    from eval.generate import SidRanker, evaluate_examples
+    from eval.metrics import bootstrap_ci
+    from sid_tokenizer.llm import load_checkpoint
+
+    named = [p.split("=", 1) for p in args.paired]
+    if len(named) < 2 or any(len(p) != 2 for p in named):
+        raise ValueError(f"paired must be two or more NAME=CHECKPOINT entries, got {args.paired}")
+    dataset = RecDataset.load(read_json(Path(named[0][1]) / "sidrec" / "meta.json")["dataset_dir"])
+    per_user: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    for name, ckpt in named:
+        model, tokenizer, catalogue = load_checkpoint(ckpt)
+        ranker = SidRanker(model, tokenizer, catalogue.index)
+        for split in args.paired_splits:
+            examples = list(getattr(dataset, split))
+            if args.paired_max_users and args.paired_max_users < len(examples):
+                examples = random.Random(args.seed).sample(examples, args.paired_max_users)
+            res = evaluate_examples(ranker, examples, args.max_history, args.num_beams, batch_size=32)
+            per_user[name, split] = res["per_example"]
+            logger.info("%s %s: NDCG@10 %.4f (%d users)", name, split, res["NDCG@10"], len(examples))
+    base = named[0][0]
+    rows = []
+    for name, _ in named[1:]:
+        for split in args.paired_splits:
+            for metric in args.paired_metrics:
+                diff = np.asarray(per_user[name, split][metric]) - np.asarray(per_user[base, split][metric])
+                low, high = bootstrap_ci(diff, n_boot=args.n_boot, seed=args.seed)
+                rows.append(
+                    {
+                        "model": name,
+                        "baseline": base,
+                        "split": split,
+                        "metric": metric,
+                        "users": len(diff),
+                        "difference": float(diff.mean()),
+                        "ci_low": low,
+                        "ci_high": high,
+                        "better_users": int((diff > 0).sum()),
+                        "worse_users": int((diff < 0).sum()),
+                    }
+                )
+    return rows
+
+
+def paired_markdown(rows: list[dict]) -> list[str]:
+    lines = [
+        "| model - baseline | split | metric | users | mean difference [95% CI] | users better / worse |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} - {r['baseline']} | {r['split']} | {r['metric']} | {r['users']} | "
+            f"{r['difference']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | "
+            f"{r['better_users']} / {r['worse_users']} |"
+        )
+    return lines
 
 
 def write_rl_report(args: RLReportArgs) -> list[Path]:
-    """Merge per-model ``eval.evaluate`` results into one report (``eval.report.write_metrics_report``)."""
+    """Merge per-model ``eval.evaluate`` results into one report (``eval.report.write_metrics_report``),
+    with paired differences when ``args.paired`` names the checkpoints."""
     from data_prep.io import read_json
     from eval.report import write_metrics_report
 
@@ -620,19 +694,20 @@ def write_rl_report(args: RLReportArgs) -> list[Path]:
                     f"{path}: row {key!r} already read from an earlier input; give each model a name"
                 )
             results[key] = row
+    meta: dict[str, Any] = {"inputs": list(args.inputs)}
+    notes = list(args.notes)
+    if args.paired:
+        meta["paired_differences"] = rows = paired_differences(args)
+        notes += ["", "## paired differences (same users)", "", *paired_markdown(rows), ""]
     return write_metrics_report(
-        results,
-        args.output,
-        meta={"inputs": list(args.inputs)},
-        metrics=args.metrics,
-        title=args.title,
-        notes=args.notes,
+        results, args.output, meta=meta, metrics=args.metrics, title=args.title, notes=notes
     )
 
 
 if __name__ == "__main__":
     from trl import TrlParser
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (report_args,) = TrlParser((RLReportArgs,)).parse_args_and_config()
     for written in write_rl_report(report_args):
         print(written)

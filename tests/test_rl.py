@@ -283,3 +283,19 @@ def test_rl_report_merges_eval_outputs(tmp_path):
     assert len(json.loads(paths[0].read_text())["results"]) == 4
     with pytest.raises(ValueError, match="already read"):
         write_rl_report(RLReportArgs(inputs=inputs + inputs[:1], output=str(tmp_path / "rl2")))
+
+
+@pytest.mark.slow
+def test_paired_differences_of_a_checkpoint_to_itself_are_zero(tiny_sft, tmp_path):
+    from eval.rl import RLReportArgs, paired_differences, paired_markdown
+
+    ckpt = str(tiny_sft / "final")
+    args = RLReportArgs(inputs=[], paired=[f"A={ckpt}", f"B={ckpt}"], paired_max_users=8, num_beams=5)
+    rows = paired_differences(args)
+    assert [(r["model"], r["split"], r["metric"]) for r in rows] == [
+        ("B", s, m) for s in ("valid", "test") for m in ("NDCG@10", "HR@10")
+    ]
+    assert all(r["difference"] == 0 and r["users"] == 8 and r["better_users"] == 0 for r in rows)
+    assert paired_markdown(rows)[2].startswith("| B - A | valid | NDCG@10 | 8 | +0.0000")
+    with pytest.raises(ValueError, match="NAME=CHECKPOINT"):
+        paired_differences(RLReportArgs(inputs=[], paired=[ckpt]))
