@@ -610,7 +610,7 @@ class RLReportArgs:
         metadata={"help": "NAME=CHECKPOINT ...: paired per-user differences to the first one (same users)"},
     )
     paired_splits: list[str] = field(default_factory=lambda: ["valid", "test"])
-    paired_metrics: list[str] = field(default_factory=lambda: ["NDCG@10", "HR@10"])
+    paired_metrics: list[str] = field(default_factory=lambda: ["NDCG@10", "HR@10", "HR@5", "HR@20"])
     paired_max_users: int | None = field(default=None, metadata={"help": "seeded subset (as eval.evaluate)"})
     num_beams: int = 20
     max_history: int = 20
@@ -698,7 +698,8 @@ def write_rl_report(args: RLReportArgs) -> list[Path]:
     notes = list(args.notes)
     if args.paired:
         meta["paired_differences"] = rows = paired_differences(args)
-        notes += ["", "## paired differences (same users)", "", *paired_markdown(rows), ""]
+        # one note block: the report separates notes, which would split the table
+        notes.append("\n".join(["## paired differences (same users)", "", *paired_markdown(rows)]))
     return write_metrics_report(
         results, args.output, meta=meta, metrics=args.metrics, title=args.title, notes=notes
     )

@@ -293,9 +293,28 @@ def test_paired_differences_of_a_checkpoint_to_itself_are_zero(tiny_sft, tmp_pat
     args = RLReportArgs(inputs=[], paired=[f"A={ckpt}", f"B={ckpt}"], paired_max_users=8, num_beams=5)
     rows = paired_differences(args)
     assert [(r["model"], r["split"], r["metric"]) for r in rows] == [
-        ("B", s, m) for s in ("valid", "test") for m in ("NDCG@10", "HR@10")
+        ("B", s, m) for s in ("valid", "test") for m in ("NDCG@10", "HR@10", "HR@5", "HR@20")
     ]
     assert all(r["difference"] == 0 and r["users"] == 8 and r["better_users"] == 0 for r in rows)
     assert paired_markdown(rows)[2].startswith("| B - A | valid | NDCG@10 | 8 | +0.0000")
     with pytest.raises(ValueError, match="NAME=CHECKPOINT"):
         paired_differences(RLReportArgs(inputs=[], paired=[ckpt]))
+
+
+@pytest.mark.slow
+def test_sasrec_scorer_feeds_the_collaborative_reward(scientific_dirs):
+    from data_prep.dataset import RecDataset
+    from eval.rewards import RewardContext, bind_rewards
+    from eval.rl import sasrec_item_scorer
+    from eval.training import load_sid_dir
+
+    ds = RecDataset.load(scientific_dirs["dataset"])
+    index = load_sid_dir(scientific_dirs["sid"], ds)
+    scorer = sasrec_item_scorer(ds, epochs=1, patience=1, hidden_size=16)
+    histories = [ds.valid[0].history, ds.valid[1].history]
+    scores = scorer(histories)
+    assert scores.shape == (2, ds.num_items) and np.isfinite(scores).all()
+    (reward,) = bind_rewards(["collaborative"], RewardContext(index, item_scorer=scorer))
+    best = int(scores[0].argmax())
+    r = reward(completions=[index.sid(best), "nonsense"], history=[histories[0]] * 2)
+    assert r[0] == pytest.approx(1.0, abs=1e-3) and r[1] == 0.0
