@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.rewards import REWARDS, catalogue_items
+from eval.rewards import REWARDS, catalogue_items, completion_text
 from eval.rl import SidConstraint, add_constrained_lm_head, rl_prompt_rows
 from sid_tokenizer.sid import SidIndex, SidVocab
 from tests.conftest import load_recipe, run_cmd
@@ -123,7 +123,9 @@ def test_constrained_logprobs_match_a_masked_softmax(tiny_sft, scientific_dirs):
     assert (out.log_probs[:, plen - 1 :] >= full - 1e-5).all()  # renormalising only adds mass
 
 
-def _run_grpo(tmp_path, tiny_sft, monkeypatch, rollout: str, steps: int) -> tuple[Path, list]:
+def _run_grpo(
+    tmp_path, tiny_sft, monkeypatch, rollout: str, steps: int, prompt_format: str = "seq2seq"
+) -> tuple[Path, list]:
     """GRPO in-process with a recording reward: returns the output dir and every completion the
     rewards saw, with the columns they were given."""
     rl = load_recipe("rl")
@@ -134,8 +136,10 @@ def _run_grpo(tmp_path, tiny_sft, monkeypatch, rollout: str, steps: int) -> tupl
         return [0.0] * len(completions)
 
     monkeypatch.setitem(REWARDS, "record", record)
-    out = tmp_path / f"grpo_{rollout}"
+    out = tmp_path / f"grpo_{rollout}_{prompt_format}"
     args = [
+        "--prompt_format",
+        prompt_format,
         "--config",
         "recipes/configs/grpo_demo.yaml",
         "--model_name_or_path",
@@ -176,11 +180,13 @@ def _run_grpo(tmp_path, tiny_sft, monkeypatch, rollout: str, steps: int) -> tupl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rollout", ["beam", "sample"])
-def test_grpo_rewards_only_see_catalogue_items(tiny_sft, tmp_path, monkeypatch, rollout):
+@pytest.mark.parametrize(
+    "rollout,prompt_format", [("beam", "seq2seq"), ("sample", "seq2seq"), ("beam", "chat")]
+)
+def test_grpo_rewards_only_see_catalogue_items(tiny_sft, tmp_path, monkeypatch, rollout, prompt_format):
     from sid_tokenizer.llm import Catalogue
 
-    out, seen = _run_grpo(tmp_path, tiny_sft, monkeypatch, rollout, steps=2)
+    out, seen = _run_grpo(tmp_path, tiny_sft, monkeypatch, rollout, steps=2, prompt_format=prompt_format)
     index = Catalogue.load(tiny_sft / "final").index
     # 2 train steps x 8 completions, plus the eval pass over 4 validation prompts x 4
     assert len(seen) >= 2 * 8 + 4 * 4
@@ -190,7 +196,7 @@ def test_grpo_rewards_only_see_catalogue_items(tiny_sft, tmp_path, monkeypatch, 
         for g in range(0, len(seen), 4):
             group = seen[g : g + 4]
             assert [r for _, _, r in group] == [1, 2, 3, 4]
-            assert len({c for c, _, _ in group}) == 4  # the G distinct items of the beam search
+            assert len({completion_text(c) for c, _, _ in group}) == 4  # the G distinct beam items
             assert len({t for _, t, _ in group}) == 1  # one prompt per group
     final = out / "final"
     assert (final / "model.safetensors").exists() and (final / "sidrec" / "index.json").exists()
