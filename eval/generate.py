@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from sid_tokenizer.constrained import SidLogitsProcessor
 from sid_tokenizer.llm import sid_token_ids
-from sid_tokenizer.sid import SidIndex
+from sid_tokenizer.sid import SidIndex, SidTokenCodes
 from sid_tokenizer.trie import SidTrie
 
 logger = logging.getLogger(__name__)
@@ -38,18 +38,12 @@ class SidRanker:
         self.trie = trie or SidTrie(index.codes, index.vocab.level_sizes)
         self.level_token_ids = sid_token_ids(tokenizer, index.vocab)
         self.num_levels = index.vocab.num_levels
-        vocab_size = max(len(tokenizer), int(max(t.max() for t in self.level_token_ids)) + 1)
-        self.token_to_code = []
-        for ids in self.level_token_ids:
-            table = np.full(vocab_size, -1, dtype=np.int64)
-            table[ids] = np.arange(len(ids))
-            self.token_to_code.append(table)
+        self.token_codes = SidTokenCodes(self.level_token_ids, len(tokenizer))
 
     def decode_codes(self, generated: np.ndarray) -> list[tuple[int, ...] | None]:
         """(N, L) generated token ids -> SID codes when they form a catalogue SID, else None."""
         out: list[tuple[int, ...] | None] = []
-        codes = np.stack([np.where(generated[:, lv] < len(t), t[np.minimum(generated[:, lv], len(t) - 1)], -1)
-                          for lv, t in enumerate(self.token_to_code)], axis=1) if generated.shape[1] >= \
+        codes = self.token_codes.codes(generated[:, :self.num_levels]) if generated.shape[1] >= \
             self.num_levels else np.full((len(generated), self.num_levels), -1)
         valid = (codes >= 0).all(1)
         valid[valid] = self.trie.contains(codes[valid])

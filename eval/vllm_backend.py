@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from eval.generate import Ranking
 from sid_tokenizer.llm import sid_token_ids
-from sid_tokenizer.sid import SidIndex
+from sid_tokenizer.sid import SidIndex, SidTokenCodes
 from sid_tokenizer.trie import SidTrie
 from sid_tokenizer.vllm_processor import ENV_CHECKPOINT, SidTrieLogitsProcessor
 
@@ -102,12 +102,7 @@ class VllmSidRanker:
         self.trie = trie or SidTrie(index.codes, index.vocab.level_sizes)
         self.num_levels = index.vocab.num_levels
         self.level_token_ids = sid_token_ids(tokenizer, index.vocab)
-        n = max(len(tokenizer), int(max(t.max() for t in self.level_token_ids)) + 1)
-        self.token_to_code = []
-        for ids in self.level_token_ids:
-            table = np.full(n, -1, dtype=np.int64)
-            table[ids] = np.arange(len(ids))
-            self.token_to_code.append(table)
+        self.token_codes = SidTokenCodes(self.level_token_ids, len(tokenizer))
 
     def rank(
         self,
@@ -186,17 +181,7 @@ class VllmSidRanker:
         """(N, L) token ids -> SID code tuples where they form a catalogue SID, else None."""
         if len(generated) == 0:
             return []
-        codes = np.stack(
-            [
-                np.where(
-                    (generated[:, lv] >= 0) & (generated[:, lv] < len(t)),
-                    t[np.clip(generated[:, lv], 0, len(t) - 1)],
-                    -1,
-                )
-                for lv, t in enumerate(self.token_to_code)
-            ],
-            axis=1,
-        )
+        codes = self.token_codes.codes(np.asarray(generated)[:, : self.num_levels])
         valid = (codes >= 0).all(1)
         valid[valid] = self.trie.contains(codes[valid])
         return [tuple(int(c) for c in row) if ok else None for row, ok in zip(codes, valid, strict=True)]

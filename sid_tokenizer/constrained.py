@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
+from sid_tokenizer.sid import SidTokenCodes
 from sid_tokenizer.trie import SidTrie
 
 
@@ -27,22 +28,13 @@ class SidLogitsProcessor(LogitsProcessor):
         self.level_token_ids = [torch.as_tensor(t, dtype=torch.long) for t in level_token_ids]
         self.prompt_length = prompt_length
         self.eos_token_id = eos_token_id
-        n = vocab_size or int(max(int(t.max()) for t in level_token_ids) + 1)
-        # token id -> code at its level (-1 for non-SID tokens), one table per level
-        self.token_to_code = []
-        for ids in level_token_ids:
-            table = np.full(max(n, int(ids.max()) + 1), -1, dtype=np.int64)
-            table[ids] = np.arange(len(ids))
-            self.token_to_code.append(table)
+        self.token_codes = SidTokenCodes(level_token_ids, vocab_size)
 
     def nodes_for(self, generated: np.ndarray) -> np.ndarray:
         """generated: (B, t) token ids -> trie node ids at depth t (-1 if off the trie)."""
         nodes = np.zeros(len(generated), dtype=np.int64)
         for d in range(generated.shape[1]):
-            tok = generated[:, d]
-            table = self.token_to_code[d]
-            codes = np.where(tok < len(table), table[np.minimum(tok, len(table) - 1)], -1)
-            nodes = self.trie.step(d, nodes, codes)
+            nodes = self.trie.step(d, nodes, self.token_codes.level(generated[:, d], d))
         return nodes
 
     def allowed_indices(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -182,3 +182,40 @@ class SidIndex:
                     key=keys[row],
                 )
         return cls(codes, SidVocab(tuple(level_sizes)), raw_ids=list(keys))
+
+
+class SidTokenCodes:
+    """Token id -> SID code lookup, one table per level (-1 for tokens that are not that level's).
+
+    ``level_token_ids[l][c]`` is the token id of code ``c`` at level ``l``
+    (``sid_tokenizer.llm.sid_token_ids``). Shared by the HF logits processor, the beam-search
+    ranker and the vLLM backends so that all of them read generated tokens the same way.
+    """
+
+    def __init__(self, level_token_ids: list[np.ndarray], vocab_size: int | None = None) -> None:
+        self.level_token_ids = [np.asarray(t, dtype=np.int64) for t in level_token_ids]
+        n = max(vocab_size or 0, max(int(t.max()) for t in self.level_token_ids) + 1)
+        self.tables: list[np.ndarray] = []
+        for ids in self.level_token_ids:
+            table = np.full(n, -1, dtype=np.int64)
+            table[ids] = np.arange(len(ids))
+            self.tables.append(table)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.tables)
+
+    def level(self, tokens: np.ndarray, level: int) -> np.ndarray:
+        """Codes of ``tokens`` (any shape) read as level ``level``; -1 where not a SID token of it."""
+        table = self.tables[level]
+        tokens = np.asarray(tokens, dtype=np.int64)
+        ok = (tokens >= 0) & (tokens < len(table))
+        return np.where(ok, table[np.clip(tokens, 0, len(table) - 1)], -1)
+
+    def codes(self, tokens: np.ndarray) -> np.ndarray:
+        """(N, d) token ids, column j read at level ``j % num_levels`` -> (N, d) codes (-1 if not)."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(len(tokens), -1)
+        out = np.full(tokens.shape, -1, dtype=np.int64)
+        for j in range(tokens.shape[1]):
+            out[:, j] = self.level(tokens[:, j], j % self.num_levels)
+        return out
