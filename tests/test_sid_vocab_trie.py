@@ -187,3 +187,17 @@ def test_trie_bad_input():
         SidTrie(np.zeros((0, 3), dtype=np.int64))
     with pytest.raises(ValueError, match="out of range"):
         SidTrie(np.array([[0, 5]]), level_sizes=(2, 4))
+
+
+def test_sid_token_codes_reads_each_column_at_its_level():
+    import numpy as np
+
+    from sid_tokenizer.sid import SidTokenCodes
+
+    # level 0 codes 0..2 are tokens 10..12, level 1 codes 0..1 are tokens 20, 21
+    codes = SidTokenCodes([np.array([10, 11, 12]), np.array([20, 21])], vocab_size=30)
+    got = codes.codes(np.array([[12, 21], [20, 10], [-1, 99], [11, 20]]))
+    assert got.tolist() == [[2, 1], [-1, -1], [-1, -1], [1, 0]]
+    # columns past the last level wrap around (a history of several SIDs)
+    assert codes.codes(np.array([[10, 21, 11, 20]])).tolist() == [[0, 1, 1, 0]]
+    assert codes.level(np.array([[10, 20], [12, 5]]), 0).tolist() == [[0, -1], [2, -1]]
