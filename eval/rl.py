@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ from transformers import LogitsProcessorList
 from trl import DPOTrainer, GRPOTrainer
 
 from data_prep.dataset import Example, RecDataset
+from data_prep.io import atomic_write_bytes
 from data_prep.tasks import PROMPTS, seq2seq_prompt
 from eval.training import RankingEvalMixin
 from sid_tokenizer.constrained import SidLogitsProcessor
@@ -586,9 +588,10 @@ def plot_rl_curves(log_history: list[dict], path: str | Path, title: str = "") -
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())  # a kill while saving never leaves a truncated PNG
 
 
 # ------------------------------------------------------------------------------------------ report

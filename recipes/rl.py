@@ -10,19 +10,28 @@ user's training sequence; target = the next item. GRPO: constrained rollouts (sa
 G distinct items of a constrained beam search), rule-based rewards from ``eval.rewards``.
 DPO: pairs mined once from the SFT model (chosen = true next item, rejected = its top-ranked
 wrong items), cached in ``<output_dir>/pairs_*.jsonl``. Both: log-probs under the SID
-constraint, HR/NDCG on validation users at each eval (checkpoint selection), resume from the
-last checkpoint, final model + ``sidrec/`` catalogue, training curves PNG.
+constraint, HR/NDCG on validation users at each eval (checkpoint selection), final model +
+``sidrec/`` catalogue, training curves PNG.
+
+Killed at any point (kill -9), the same command resumes: leftovers of interrupted writes and
+checkpoints whose save was cut short are removed, training resumes from the last complete
+checkpoint (a run that had already finished is not trained further), the pairs cache and
+``final/`` are written atomically (``final/`` is staged in ``.final.partial`` and renamed).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import shutil
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from datasets import Dataset
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import TrainerState
 from trl import DPOConfig, GRPOConfig, ModelConfig, TrlParser, get_peft_config
 
 from data_prep.dataset import RecDataset
@@ -99,12 +108,143 @@ def parse_args(argv: list[str] | None = None) -> tuple[RLScriptArgs, GRPOConfig 
     return parser.parse_args_and_config(argv)
 
 
-def mined_pairs(path: Path, trainer_args, mine) -> list[dict]:
-    """Pairs cached at ``path`` (mined once, by the main process first; reused on resume)."""
+def mined_pairs(
+    path: Path, trainer_args, rows: list[dict], mine, num_negatives: int, num_beams: int
+) -> list[dict]:
+    """Pairs for ``rows`` cached at ``path`` (mined once, by the main process first; reused on resume).
+
+    Written atomically (temporary file + rename): a run killed while mining or writing leaves
+    no ``path``, only a stray temporary file that ``clean_output_dir`` removes, so a rerun mines
+    again and never reads a truncated cache. A cache mined for other prompts or settings (the
+    same ``output_dir`` with another recipe) is an error, not silently reused."""
     with trainer_args.main_process_first(desc=f"mining {path.name}"):
-        if not path.exists():
+        if path.exists():
+            logger.info("reusing mined pairs %s", path)
+        else:
+            logger.info("mining %s", path.name)
             atomic_write_jsonl(path, mine())
-    return [row for _, row in iter_jsonl(path)]
+    pairs = [row for _, row in iter_jsonl(path)]
+    check_pairs(path, pairs, rows, num_negatives, num_beams)
+    return pairs
+
+
+def check_pairs(path: Path, pairs: list[dict], rows: list[dict], num_negatives: int, num_beams: int) -> None:
+    """``pairs`` (read from ``path``) were mined for ``rows`` with these settings."""
+
+    def key(r: dict) -> tuple[str, int]:
+        return json.dumps(r["prompt"], sort_keys=True), int(r["target_item"])
+
+    want = Counter(key(r) for r in rows)
+    got = Counter(key(p) for p in pairs)
+    problems = []
+    extra, missing = set(got) - set(want), set(want) - set(got)
+    # a prompt may lack pairs only when its beams hold no wrong item (tiny catalogues)
+    if extra or len(missing) > len(want) // 100:
+        problems.append(f"{len(extra)} prompts not in this run's {len(want)}, {len(missing)} of them missing")
+    if any(n > num_negatives * want[k] for k, n in got.items()):
+        problems.append(f"more than num_negatives={num_negatives} pairs per prompt")
+    if any(not 1 <= int(p["rejected_rank"]) <= num_beams for p in pairs):
+        problems.append(f"rejected ranks beyond mining_beams={num_beams}")
+    if problems:
+        raise ValueError(
+            f"{path} was mined for another run ({'; '.join(problems)}): delete it to mine again, "
+            "or use another output_dir"
+        )
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# leftovers of a killed run: data_prep.io temporary files (.NAME.XXXX.tmp) and the final-model
+# staging / replaced directories of save_final (.final.partial, .final.old, ..._adapter)
+_STRAY = re.compile(r"^\..+(\.tmp|\.partial|\.partial_adapter|\.old)$")
+
+
+def _complete_checkpoint(path: Path) -> bool:
+    """A checkpoint is complete when its trainer_state.json parses: the Trainer writes it after
+    the model, optimizer, scheduler and RNG states."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "global_step" in state
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def last_complete_checkpoint(out: Path) -> str | None:
+    """The last ``checkpoint-N`` in ``out`` whose save finished (None if there is none)."""
+    if not out.is_dir():
+        return None
+    done = [p for p in _checkpoints(out) if _complete_checkpoint(p)]
+    return str(done[-1]) if done else None
+
+
+def clean_output_dir(out: Path) -> None:
+    """Make a run killed at any point (kill -9) resumable: remove temporary files and staging
+    directories of interrupted atomic writes, and checkpoint directories whose save was
+    interrupted (no complete trainer_state.json: the Trainer does not write checkpoints
+    atomically), so the rerun resumes from the last complete one. Main process only."""
+    if not out.is_dir():
+        return
+    for entry in sorted(out.iterdir()):
+        if _STRAY.match(entry.name):
+            logger.warning("removing %s left by an interrupted run", entry)
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    for path in _checkpoints(out):
+        if not _complete_checkpoint(path):
+            logger.warning("removing incomplete %s (its save was interrupted)", path)
+            shutil.rmtree(path)
+
+
+def finished_state(last: str | None, args) -> dict | None:
+    """The trainer state saved in ``last`` if that checkpoint ends the run ``args`` asks for."""
+    if last is None:
+        return None
+    state = json.loads((Path(last) / "trainer_state.json").read_text())
+    if args.max_steps > 0:
+        target = args.max_steps
+    elif state.get("num_train_epochs") == args.num_train_epochs:
+        target = state.get("max_steps")
+    else:
+        return None
+    return state if target and state["global_step"] >= target else None
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, replacing it; at every instant ``dst`` is absent or complete."""
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_final(trainer, tokenizer, sft: Path, final: Path) -> None:
+    """Model (LoRA merged; the adapter in ``<final>_adapter``), tokenizer and ``sidrec/``
+    catalogue, staged in ``.final.partial`` and renamed into place: ``final/`` exists only
+    complete. Called on every process (sharded saves), the main one writes and renames."""
+    acc = trainer.accelerator
+    tmp = final.with_name(f".{final.name}.partial")
+    tmp_adapter = Path(f"{tmp}_adapter")
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp_adapter, ignore_errors=True)
+    acc.wait_for_everyone()
+    save_final_model(trainer, tmp)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        tokenizer.save_pretrained(tmp)
+        copy_catalogue(sft, tmp)
+        if tmp_adapter.exists():
+            _replace_dir(tmp_adapter, Path(f"{final}_adapter"))
+        _replace_dir(tmp, final)
+    acc.wait_for_everyone()
 
 
 def main(script_args: RLScriptArgs, training_args: GRPOConfig | DPOConfig, model_args: ModelConfig) -> None:
@@ -124,6 +264,22 @@ def main(script_args: RLScriptArgs, training_args: GRPOConfig | DPOConfig, model
             f"{sft}/sidrec has {len(index)} items, dataset {dataset_dir} has {dataset.num_items}"
         )
     out = Path(training_args.output_dir)
+    with training_args.main_process_first(desc="cleaning the output dir"):
+        # the main process first removes what a killed run left; then all see the same checkpoints
+        if training_args.process_index == 0:
+            clean_output_dir(out)
+        last = last_complete_checkpoint(out)
+    final = out / "final"
+    done = finished_state(last, training_args)
+    if done is not None and final.is_dir():  # final/ only ever exists complete (save_final)
+        logger.info(
+            "training already finished at step %d (%s) and %s exists", done["global_step"], last, final
+        )
+        if training_args.process_index == 0:
+            plot_rl_curves(
+                done["log_history"], out / "training_curves.png", title=f"{script_args.algorithm} from {sft}"
+            )
+        return
 
     tokenizer = AutoTokenizer.from_pretrained(sft)
     tokenizer.padding_side = "left"
@@ -183,10 +339,18 @@ def main(script_args: RLScriptArgs, training_args: GRPOConfig | DPOConfig, model
                 script_args.mining_batch_size,
             )
 
-        train_pairs = mined_pairs(out / "pairs_train.jsonl", training_args, mine(train_rows))
-        eval_pairs = (
-            mined_pairs(out / "pairs_eval.jsonl", training_args, mine(eval_rows)) if eval_rows else []
-        )
+        def pairs(name, rows):
+            return mined_pairs(
+                out / name,
+                training_args,
+                rows,
+                mine(rows),
+                script_args.num_negatives,
+                script_args.mining_beams,
+            )
+
+        train_pairs = pairs("pairs_train.jsonl", train_rows)
+        eval_pairs = pairs("pairs_eval.jsonl", eval_rows) if eval_rows else []
         logger.info(
             "DPO pairs: %d train (%d prompts), %d eval", len(train_pairs), len(train_rows), len(eval_pairs)
         )
@@ -210,16 +374,26 @@ def main(script_args: RLScriptArgs, training_args: GRPOConfig | DPOConfig, model
             "eval_prompts": len(eval_rows),
         },
     )
-    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-    if last:
-        logger.info("resuming from %s", last)
-        trainer.args.eval_on_start = False  # the starting point was evaluated by the first run
-    trainer.train(resume_from_checkpoint=last)
-    final = out / "final"
-    save_final_model(trainer, final)
+    if done is not None:
+        # killed after the last checkpoint, before final/ was complete. Not train(resume): a Trainer
+        # resumed at max_steps runs one step more (transformers 5.19); load what train() ended with
+        trainer.state = TrainerState.load_from_json(str(Path(last) / "trainer_state.json"))
+        best = out / f"checkpoint-{trainer.state.best_global_step}"
+        src = best if training_args.load_best_model_at_end and best.is_dir() else Path(last)
+        logger.info(
+            "training already finished at step %d (%s): saving final/ from %s",
+            trainer.state.global_step,
+            last,
+            src,
+        )
+        trainer._load_from_checkpoint(str(src))
+    else:
+        if last:
+            logger.info("resuming from %s", last)
+            trainer.args.eval_on_start = False  # the starting point was evaluated by the first run
+        trainer.train(resume_from_checkpoint=last)
+    save_final(trainer, tokenizer, sft, final)
     if trainer.accelerator.is_main_process:
-        tokenizer.save_pretrained(final)
-        copy_catalogue(sft, final)
         plot_rl_curves(
             trainer.state.log_history,
             out / "training_curves.png",

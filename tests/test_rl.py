@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -74,6 +75,78 @@ def test_rl_prompts_come_from_training_sequences_only():
         chat[0]["prompt"][0]["role"] == "user"
         and index.sid(chat[0]["history"][-1]) in chat[0]["prompt"][0]["content"]
     )
+
+
+class _OneProcess:
+    @staticmethod
+    @contextlib.contextmanager
+    def main_process_first(desc=""):
+        yield
+
+
+def test_mined_pairs_are_cached_and_checked_against_the_run(tmp_path):
+    rl = load_recipe("rl")
+    rows = [{"prompt": f"<|rec|><a_{i}>", "target_item": i} for i in range(4)]
+    calls = []
+
+    def mine(rows, negatives=2):
+        def run():
+            calls.append(len(rows))
+            return [
+                {
+                    "prompt": r["prompt"],
+                    "chosen": "c",
+                    "rejected": f"r{k}",
+                    "target_item": r["target_item"],
+                    "rejected_rank": k + 1,
+                }
+                for r in rows
+                for k in range(negatives)
+            ]
+
+        return run
+
+    path = tmp_path / "pairs_train.jsonl"
+    pairs = rl.mined_pairs(path, _OneProcess, rows, mine(rows), num_negatives=2, num_beams=5)
+    assert len(pairs) == 8 and calls == [4]
+    assert rl.mined_pairs(path, _OneProcess, rows, mine(rows), 2, 5) == pairs and calls == [4]  # reused
+    with pytest.raises(ValueError, match="mined for another run.*prompts not in"):
+        rl.mined_pairs(path, _OneProcess, rows[:2] + [{"prompt": "x", "target_item": 9}], mine(rows), 2, 5)
+    with pytest.raises(ValueError, match="num_negatives=1"):
+        rl.mined_pairs(path, _OneProcess, rows, mine(rows), 1, 5)
+    with pytest.raises(ValueError, match="mining_beams=1"):
+        rl.mined_pairs(path, _OneProcess, rows, mine(rows), 2, 1)
+    assert calls == [4] and [p.name for p in tmp_path.iterdir()] == ["pairs_train.jsonl"]
+
+
+def test_output_dir_of_a_killed_run_is_cleaned_to_the_last_complete_checkpoint(tmp_path):
+    rl = load_recipe("rl")
+    out = tmp_path / "rl"
+    assert rl.last_complete_checkpoint(out) is None
+    for step, state in (
+        (2, '{"global_step": 2, "max_steps": 6, "num_train_epochs": 1}'),
+        (4, '{"global_step": 4, "max_st'),
+        (10, None),
+    ):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"weights")
+        if state:
+            (out / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    (out / ".final.partial").mkdir()
+    (out / ".pairs_train.jsonl.x1.tmp").write_text('{"prompt": ')
+    (out / "pairs_eval.jsonl").write_text("{}\n")
+    assert rl.last_complete_checkpoint(out) == str(out / "checkpoint-2")  # read-only lookup
+    rl.clean_output_dir(out)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "pairs_eval.jsonl"]
+    last = rl.last_complete_checkpoint(out)
+    assert last == str(out / "checkpoint-2")
+    _, grpo, _ = rl.parse_args(["--config", "recipes/configs/grpo_demo.yaml", "--max_steps", "6"])
+    assert rl.finished_state(last, grpo) is None
+    grpo.max_steps = 2
+    assert rl.finished_state(last, grpo)["global_step"] == 2
+    grpo.max_steps, grpo.num_train_epochs = -1, 1
+    assert rl.finished_state(last, grpo) is None  # 2 of the 6 steps of one epoch
+    assert rl.finished_state(None, grpo) is None
 
 
 # ---------------------------------------------------------------- slow: the tiny SFT model
