@@ -97,7 +97,7 @@ def _int(name: str, value: Any, lo: int, hi: int) -> int:
         raise ValueError(f"vllm_xargs.{name} must be an integer in [{lo}, {hi}], got {value!r}")
     try:
         out = int(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: JSON Infinity
         raise ValueError(f"vllm_xargs.{name} must be an integer in [{lo}, {hi}], got {value!r}") from None
     if out != float(value) or not lo <= out <= hi:
         raise ValueError(f"vllm_xargs.{name} must be an integer in [{lo}, {hi}], got {value!r}")
@@ -597,8 +597,11 @@ def _request_texts(body: dict) -> list[str]:
 
 
 async def sid_prompt_guard(request, call_next):
-    """ASGI middleware (``--middleware sid_tokenizer.vllm_processor.sid_prompt_guard``): a chat or
-    completion request mentioning a SID that is not in the catalogue gets HTTP 400 naming it."""
+    """ASGI middleware (``--middleware sid_tokenizer.vllm_processor.sid_prompt_guard``) on chat and
+    completion requests: HTTP 400 naming the problem for a prompt mentioning a SID that is not in
+    the catalogue, for bad ``sid_*`` arguments in ``vllm_xargs`` (also with ``stream: true``),
+    for ``use_beam_search`` with the constraint on (vLLM's beam search skips logits processors)
+    and for JSON nested too deeply to parse. Everything else goes on to vLLM unchanged."""
     if request.method != "POST" or not request.url.path.endswith(("/chat/completions", "/completions")):
         return await call_next(request)
     cat = frontend_catalogue()
@@ -608,25 +611,49 @@ async def sid_prompt_guard(request, call_next):
         body = json.loads(await request.body() or b"{}")
     except ValueError:
         return await call_next(request)  # let vLLM report malformed JSON itself
+    except RecursionError:  # json.loads would raise it again inside vLLM: HTTP 500
+        return _bad_request("the request body nests JSON too deeply", "body")
     if not isinstance(body, dict):
         return await call_next(request)
     xargs = body.get("vllm_xargs") if isinstance(body.get("vllm_xargs"), dict) else {}
+    # validate_params checks these too, but for stream=true vLLM answers its ValueError with
+    # HTTP 200 and an error event: checking here gives every bad request a 400 before streaming
     try:
-        partial = int(xargs.get("sid_prefix_len", 0))
-    except (TypeError, ValueError):
-        partial = 0
+        req = parse_sid_args(xargs)
+        if req is not None and req.constrained:
+            cat.check(req)
+    except ValueError as e:
+        return _bad_request(str(e), "vllm_xargs")
+    partial = req.prefix_len if req is not None else 0
+    if _truthy(body.get("use_beam_search")) and req is not None and req.constrained:
+        return _bad_request(
+            "use_beam_search does not run logits processors (vLLM issue #21546), so the SID "
+            "constraint would be ignored; ask for distinct items with vllm_xargs.sid_count instead",
+            "use_beam_search",
+        )
     bad = [s for text in _request_texts(body) for s in unknown_sids(text, cat, partial)]
     if not bad:
         return await call_next(request)
-    from starlette.responses import JSONResponse
-
     shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
     message = (
         f"the prompt mentions {len(bad)} SID(s) that are not catalogue items: {shown} "
         f"(catalogue: {cat.dir}, {len(cat.index)} items; a SID is {cat.num_levels} tokens "
         f"like {cat.index.sid(0)})"
     )
+    return _bad_request(message, "messages")
+
+
+def _truthy(value: Any) -> bool:
+    """A request flag as pydantic reads it (lax: 1, "true", "yes", ...)."""
+    if value is None or value is False:
+        return False
+    return str(value).strip().lower() not in ("0", "0.0", "false", "f", "no", "n", "off", "")
+
+
+def _bad_request(message: str, param: str | None = None):
+    from starlette.responses import JSONResponse
+
     return JSONResponse(
         status_code=400,
-        content={"error": {"message": message, "type": "BadRequestError", "param": "messages", "code": 400}},
+        content={"error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}},
     )

