@@ -6,7 +6,7 @@ render SIDs as item titles, and add new items to a checkpoint's catalogue.
   (context manager; the process is stopped on exit).
 - ``SidRecClient``: chat / completion requests through the ``openai`` client with the
   constraint switched on (``vllm_xargs``), answers parsed into ``Recommendation``s.
-- ``add_items``: new items get SIDs from the saved quantizer (no retraining) and are appended
+- new items: ``sid_tokenizer.new_items.add_items`` gives them SIDs from the saved quantizer (no retraining) and are appended
   to ``<checkpoint>/sidrec``; a running server picks them up on its next request after
   ``SIDREC_RELOAD_SECONDS`` (the processor compares file modification times).
 """
@@ -14,8 +14,6 @@ render SIDs as item titles, and add new items to a checkpoint's catalogue.
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import json
 import logging
 import os
 import socket
@@ -29,9 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from data_prep.io import DataError, atomic_write_json, atomic_write_text, iter_jsonl, read_json
 from sid_tokenizer.llm import Catalogue
 
 logger = logging.getLogger(__name__)
@@ -356,119 +351,3 @@ def render(recs: Sequence[Recommendation]) -> str:
 
 
 # ----------------------------------------------------------------------------- new items
-def add_items(
-    checkpoint: str | Path,
-    items_jsonl: str | Path,
-    sid_dir: str | Path | None = None,
-    embeddings: np.ndarray | None = None,
-    encoder: str | None = None,
-) -> list[dict]:
-    """Give new items SIDs with the saved quantizer and append them to ``<checkpoint>/sidrec``.
-
-    items_jsonl: one object per line with ``raw_id`` and ``title`` (``categories``, ``brand``,
-    ``description`` or a ready ``text`` optional). Their text is embedded with the SID
-    directory's encoder (``embeddings`` (M, D) skips that) and ``assign_new_items`` picks free
-    SIDs; a SID already taken by an earlier addition is moved to the nearest free last-level
-    code too. ``index.json`` is replaced before ``items.jsonl`` (each atomically), so a reader
-    never sees an item without a SID. Returns the new rows (with ``sid``).
-    """
-    from data_prep.dataset import Item
-    from data_prep.embed import DEFAULT_ENCODER, encode_texts
-    from data_prep.text import render_item_text, split_categories
-    from sid_tokenizer.build import assign_new_items
-    from sid_tokenizer.collisions import pick_free_codes
-    from sid_tokenizer.quantizers import Quantizer
-
-    ckpt = Path(checkpoint)
-    d = ckpt / "sidrec"
-    with open(d / ".add_items.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time
-        meta = read_json(d / "meta.json")
-        cat = Catalogue.load(ckpt)
-        sid_dir = Path(sid_dir or meta.get("sid_dir") or "")
-        if not (sid_dir / "meta.json").exists():
-            raise DataError(
-                d / "meta.json", f"SID directory {str(sid_dir)!r} not found; pass sid_dir", field="sid_dir"
-            )
-        known = set(cat.raw_ids)
-        rows, items = [], []
-        for lineno, obj in iter_jsonl(items_jsonl):
-            raw = obj.get("raw_id")
-            if not isinstance(raw, str | int) or not str(raw).strip():
-                raise DataError(
-                    items_jsonl, "expected a non-empty string raw_id", line=lineno, field="raw_id"
-                )
-            raw = str(raw).strip()
-            if raw in known:
-                raise DataError(
-                    items_jsonl, f"item {raw!r} is already in the catalogue", line=lineno, field="raw_id"
-                )
-            title = obj.get("title")
-            if not isinstance(title, str) or not title.strip():
-                raise DataError(items_jsonl, "expected a non-empty title", line=lineno, field="title")
-            known.add(raw)
-            item = Item(
-                item_id=len(cat.raw_ids) + len(rows),
-                raw_id=raw,
-                title=title.strip(),
-                description=str(obj.get("description") or ""),
-                brand=str(obj.get("brand") or ""),
-                categories=split_categories(obj.get("categories")),
-            )
-            item.text = str(obj.get("text") or "") or render_item_text(item)
-            rows.append(obj)
-            items.append(item)
-        if not items:
-            raise DataError(items_jsonl, "no items to add")
-        if embeddings is None:
-            sid_meta = read_json(sid_dir / "meta.json")
-            enc = encoder or sid_meta.get("config", {}).get("encoder") or DEFAULT_ENCODER
-            embeddings = encode_texts([it.text for it in items], enc)
-        embeddings = np.asarray(embeddings, dtype=np.float32)
-        if embeddings.shape[0] != len(items):
-            raise ValueError(f"{embeddings.shape[0]} embedding rows for {len(items)} new items")
-        codes = assign_new_items(sid_dir, embeddings)
-        taken = set(map(tuple, cat.index.codes.tolist()))
-        clash = [i for i, row in enumerate(codes.tolist()) if tuple(row) in taken]
-        if clash and read_json(sid_dir / "meta.json").get("collision_strategy") != "extra_level":
-            quantizer = Quantizer.load(sid_dir / "quantizer")
-            costs = quantizer.level_distances(embeddings, codes, codes.shape[1] - 1)
-            codes = pick_free_codes(codes, costs, taken)
-        sizes = np.asarray(cat.index.vocab.level_sizes)
-        if codes.shape[1] != len(sizes) or (codes >= sizes).any():
-            raise DataError(
-                sid_dir,
-                f"new SIDs {codes.tolist()} do not fit the checkpoint's codebooks "
-                f"{sizes.tolist()}: the model has no tokens for them",
-            )
-        vocab = cat.index.vocab
-        index = read_json(d / "index.json")
-        out = []
-        for item, row in zip(items, codes.tolist(), strict=True):
-            index[item.raw_id] = [vocab.token(lv, c) for lv, c in enumerate(row)]
-            out.append(
-                {
-                    "item_id": item.item_id,
-                    "raw_id": item.raw_id,
-                    "title": item.title,
-                    "categories": item.categories,
-                    "sid": vocab.format(row),
-                }
-            )
-        atomic_write_json(d / "index.json", index, indent=None)
-        old = (d / "items.jsonl").read_text(encoding="utf-8")
-        if old and not old.endswith("\n"):
-            old += "\n"
-        new = "".join(
-            json.dumps({k: r[k] for k in ("item_id", "raw_id", "title", "categories")}, ensure_ascii=False)
-            + "\n"
-            for r in out
-        )
-        atomic_write_text(d / "items.jsonl", old + new)
-        meta["num_items"] = len(cat.raw_ids) + len(out)
-        meta.setdefault("added_items", []).append(
-            {"file": str(items_jsonl), "count": len(out), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        )
-        atomic_write_json(d / "meta.json", meta)
-    logger.info("added %d item(s) to %s", len(out), d)
-    return out

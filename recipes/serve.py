@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from eval.client import ServerConfig, SidRecClient, add_items, free_port, render, start_server
+from eval.client import ServerConfig, SidRecClient, free_port, render, start_server
+from sid_tokenizer.new_items import add_items
 
 logger = logging.getLogger(__name__)
 

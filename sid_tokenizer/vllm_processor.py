@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from sid_tokenizer.sid import SidIndex
+from sid_tokenizer.sid import SidIndex, SidTokenCodes
 from sid_tokenizer.trie import SidTrie
 
 logger = logging.getLogger(__name__)
@@ -304,28 +304,16 @@ class SidMasker:
     ) -> None:
         """level_token_ids[l][c]: token id of code c at level l (``sid_tokenizer.llm.sid_token_ids``)."""
         self.catalogue = catalogue
-        self.level_token_ids = [np.asarray(t, dtype=np.int64) for t in level_token_ids]
-        n = max(vocab_size or 0, max(int(t.max()) for t in self.level_token_ids) + 1)
-        self.token_to_code = []
-        for ids in self.level_token_ids:
-            table = np.full(n, -1, dtype=np.int64)
-            table[ids] = np.arange(len(ids))
-            self.token_to_code.append(table)
+        self.token_codes = SidTokenCodes(level_token_ids, vocab_size)
+        self.level_token_ids = self.token_codes.level_token_ids
 
     @property
     def num_levels(self) -> int:
-        return len(self.level_token_ids)
+        return self.token_codes.num_levels
 
     def codes_of(self, tokens: np.ndarray) -> np.ndarray:
         """(N, d) token ids at levels 0..d-1 -> codes (-1 where a token is not that level's SID token)."""
-        tokens = np.asarray(tokens, dtype=np.int64).reshape(len(tokens), -1)
-        out = np.full(tokens.shape, -1, dtype=np.int64)
-        for j in range(tokens.shape[1]):
-            table = self.token_to_code[j % self.num_levels]
-            t = tokens[:, j]
-            ok = (t >= 0) & (t < len(table))
-            out[ok, j] = table[t[ok]]
-        return out
+        return self.token_codes.codes(tokens)
 
     def allowed(
         self, reqs: Sequence[SidRequest], generated: Sequence[Sequence[int]]

@@ -300,8 +300,8 @@ def test_oversized_prompts_get_400_and_the_server_stays_up(served):
 def test_new_items_become_recommendable_after_catalogue_reload(served, scientific_dirs, tmp_path):
     import openai
 
-    from eval.client import add_items
     from sid_tokenizer.llm import Catalogue
+    from sid_tokenizer.new_items import add_items
 
     server, client, ckpt = served
     new = tmp_path / "new_items.jsonl"
