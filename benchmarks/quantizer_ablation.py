@@ -70,8 +70,10 @@ class AblationArgs:
     report_dir: str = "docs/results"
     random_seed: int = 0
     snapshot: bool = field(default=False, metadata={"help": "run the stages on a git archive of HEAD"})
+    snapshot_ref: str = field(default="HEAD", metadata={"help": "commit to snapshot (pin it when resuming)"})
     report_only: bool = False
     poll_seconds: float = 30.0
+    priority: str = field(default="eval", metadata={"help": "eval | train: which ready stages start first"})
 
 
 # ---- the random control ---------------------------------------------------------------------
@@ -181,10 +183,10 @@ def eval_done(args: AblationArgs, q: str) -> bool:
     return (Path(args.output_root) / q / "eval" / "metrics.json").exists()
 
 
-def make_snapshot(output_root: str) -> Path:
-    """git archive HEAD into <output_root>/code/<commit> with ``outputs`` linked to ours."""
+def make_snapshot(output_root: str, ref: str = "HEAD") -> Path:
+    """git archive ``ref`` into <output_root>/code/<commit> with ``outputs`` linked to ours."""
     commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "rev-parse", ref], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.strip()
     dest = (ROOT / output_root / "code" / commit[:12]).resolve()
     if not (dest / "pyproject.toml").exists():
@@ -228,8 +230,44 @@ def _progress(log: Path) -> str:
     return tail[-1][-110:] if tail else "starting"
 
 
+class _Adopted:
+    """A stage process started by an earlier driver: alive while /proc/<pid> runs its command."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        return None if _pid_alive(self.pid) else 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state != "Z" and ("recipes/sft.py" in cmdline or "eval.evaluate" in cmdline)
+
+
+def _running_path(args: AblationArgs, q: str, stage: str) -> Path:
+    return ROOT / args.output_root / q / f"{stage}.running.json"
+
+
+def _running_info(args: AblationArgs, q: str, stage: str) -> dict[str, Any] | None:
+    """The pid file of a stage, if its process is still alive (a stale file is removed)."""
+    path = _running_path(args, q, stage)
+    if not path.exists():
+        return None
+    info = read_json(path)
+    if _pid_alive(int(info["pid"])):
+        return info
+    path.unlink(missing_ok=True)
+    return None
+
+
 def run_stages(args: AblationArgs) -> None:
-    cwd = make_snapshot(args.output_root) if args.snapshot else ROOT
+    cwd = make_snapshot(args.output_root, args.snapshot_ref) if args.snapshot else ROOT
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -256,9 +294,21 @@ def run_stages(args: AblationArgs) -> None:
             ]
             logger.info("building %s: %s", sid, " ".join(cmd))
             subprocess.run(cmd, cwd=cwd, env=env, check=True)
-    pending = [(q, "train") for q in args.quantizers if not train_done(args, q)]
-    pending += [(q, "eval") for q in args.quantizers if train_done(args, q) and not eval_done(args, q)]
-    running: dict[tuple[str, str], tuple[subprocess.Popen, float, list[str], Path]] = {}
+    running: dict[tuple[str, str], tuple[Any, float, list[str], Path]] = {}
+    for q in args.quantizers:  # stages still running from an earlier (killed) driver: wait for them
+        for stage in ("train", "eval"):
+            info = _running_info(args, q, stage)
+            if info is not None:
+                logger.info("adopting %s %s (pid %d, started %s)", q, stage, info["pid"], info["started"])
+                running[(q, stage)] = (_Adopted(info["pid"]), info["t0"], info["cmd"], Path(info["log"]))
+    pending = [
+        (q, "train") for q in args.quantizers if not train_done(args, q) and (q, "train") not in running
+    ]
+    pending += [
+        (q, "eval")
+        for q in args.quantizers
+        if train_done(args, q) and not eval_done(args, q) and (q, "eval") not in running
+    ]
     failed: list[tuple[str, str]] = []
     start = time.time()
     logger.info("stages to run: %s (cwd %s)", pending, cwd)
@@ -269,7 +319,10 @@ def run_stages(args: AblationArgs) -> None:
                 continue
             del running[key]
             q, stage = key
+            _running_path(args, q, stage).unlink(missing_ok=True)
             seconds = time.time() - t0
+            if isinstance(proc, _Adopted):  # no exit status: judge by the stage's output
+                rc = 0 if (train_done if stage == "train" else eval_done)(args, q) else 1
             if rc != 0:
                 logger.error("%s %s FAILED (rc %d) after %.0f s; see %s", q, stage, rc, seconds, log)
                 failed.append(key)
@@ -278,8 +331,10 @@ def run_stages(args: AblationArgs) -> None:
             logger.info("%s %s done in %.1f min", q, stage, seconds / 60)
             if stage == "train":
                 pending.append((q, "eval"))
-        # evaluations first (a finished variant is worth more than a started one), then trainings
-        pending.sort(key=lambda k: (k[1] != "eval", args.quantizers.index(k[0])))
+        # "eval": evaluations first (a finished variant is worth more than a started one);
+        # "train": trainings first (fewer idle slots at the end, all results come later)
+        first = "eval" if args.priority == "eval" else "train"
+        pending.sort(key=lambda k: (k[1] != first, args.quantizers.index(k[0])))
         while pending and len(running) < args.parallel:
             q, stage = pending.pop(0)
             cmd = train_cmd(args, q) if stage == "train" else eval_cmd(args, q)
@@ -288,7 +343,18 @@ def run_stages(args: AblationArgs) -> None:
             logger.info("start %s %s: %s > %s", q, stage, " ".join(cmd[1:]), log)
             with open(log, "a") as fh:
                 proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-            running[(q, stage)] = (proc, time.time(), cmd, log)
+            t0 = time.time()
+            atomic_write_json(
+                _running_path(args, q, stage),
+                {
+                    "pid": proc.pid,
+                    "t0": t0,
+                    "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                    "cmd": cmd,
+                    "log": str(log),
+                },
+            )
+            running[(q, stage)] = (proc, t0, cmd, log)
         if running:
             time.sleep(args.poll_seconds)
             elapsed = (time.time() - start) / 60
