@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -616,6 +617,7 @@ def main() -> None:
     atomic_write_json(out.with_suffix(".json"), payload)
     plot(out.with_suffix(".png"), payload)
     write_markdown(out.with_suffix(".md"), payload)
+    shutil.rmtree(tmp, ignore_errors=True)  # base checkpoints and trainer dirs of this run
     logger.info("wrote %s.{json,md,png} in %.0fs", out, payload["wall_s"])
     print(json.dumps({r["variant"]: round(r["tokens_per_s"]) for r in summary}))
 
