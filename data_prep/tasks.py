@@ -7,7 +7,7 @@ chat form for reading and for chat-template-based consumers (empty for the raw s
 Tasks (LC-Rec / MiniOneRec families):
 - ``seq2seq``: raw one-pass format ``<|rec|><sid_1><sid_2>...<sid_n>``, loss on every item
   after the first: one causal pass equals sliding-window augmentation over every prefix
-  (GRID) at O(L) instead of O(L^2) tokens.
+  (GRID) at O(L) instead of O(L * min(L, H)) tokens (H = max_history; benchmarks/training_throughput.py).
 - ``seq2seq_chat``: the same prediction in chat form (history SIDs -> next SID), one random
   prefix per sequence; this is what chat users of the served model send.
 - ``sid2title`` / ``title2sid``: explicit SID <-> text alignment, one row per catalogue item.
