@@ -72,6 +72,14 @@ class AblationArgs:
     snapshot: bool = field(default=False, metadata={"help": "run the stages on a git archive of HEAD"})
     snapshot_ref: str = field(default="HEAD", metadata={"help": "commit to snapshot (pin it when resuming)"})
     report_only: bool = False
+    paired: bool = field(
+        default=True,
+        metadata={
+            "help": "also save per-user metrics (a re-run of the same beam search) for paired differences"
+        },
+    )
+    paired_base: str = field(default="rkmeans", metadata={"help": "paired differences are to this quantizer"})
+    per_user_for: str | None = field(default=None, metadata={"help": "internal: the per-user stage of one q"})
     poll_seconds: float = 30.0
     priority: str = field(default="eval", metadata={"help": "eval | train: which ready stages start first"})
 
@@ -174,6 +182,59 @@ def eval_cmd(args: AblationArgs, q: str) -> list[str]:
     ]
 
 
+def per_user_cmd(args: AblationArgs, q: str) -> list[str]:
+    return [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--per_user_for",
+        q,
+        "--output_root",
+        args.output_root,
+        "--dataset_dir",
+        args.dataset_dir,
+    ]
+
+
+PER_USER_METRICS = ("NDCG@10", "HR@10", "NDCG@20", "HR@20")
+
+
+def per_user_stage(args: AblationArgs, q: str) -> Path:
+    """Rank all valid/test users again with the code eval.evaluate runs (deterministic beam
+    search, same defaults) and save per-user metrics for paired differences."""
+    import torch
+
+    from data_prep.dataset import RecDataset
+    from eval.generate import SidRanker, evaluate_examples
+    from sid_tokenizer.llm import load_checkpoint
+
+    torch.manual_seed(0)  # as eval.evaluate (seed 0)
+    ckpt = Path(args.output_root) / q / "final"
+    model, tokenizer, catalogue = load_checkpoint(str(ckpt))
+    ranker = SidRanker(model, tokenizer, catalogue.index)
+    dataset = RecDataset.load(args.dataset_dir)
+    arrays: dict[str, np.ndarray] = {}
+    for split in ("valid", "test"):
+        examples = list(getattr(dataset, split))
+        res = evaluate_examples(ranker, examples, 20, 20, 32, constrained=True)
+        for m in PER_USER_METRICS:
+            arrays[f"{split}/{m}"] = np.asarray(res["per_example"][m], dtype=np.float64)
+        arrays[f"{split}/target"] = np.asarray([e.target for e in examples])
+        logger.info("%s %s: NDCG@10 %.4f (%d users)", q, split, res["NDCG@10"], len(examples))
+    import io
+
+    from data_prep.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    out = Path(args.output_root) / q / "per_user.npz"
+    atomic_write_bytes(out, buf.getvalue())
+    return out
+
+
+def per_user_done(args: AblationArgs, q: str) -> bool:
+    return (Path(args.output_root) / q / "per_user.npz").exists()
+
+
 def train_done(args: AblationArgs, q: str) -> bool:
     final = Path(args.output_root) / q / "final"
     return (final / "config.json").exists() and (final / "sidrec").is_dir()
@@ -247,7 +308,7 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return False
     state = stat.rsplit(")", 1)[1].split()[0]
-    return state != "Z" and ("recipes/sft.py" in cmdline or "eval.evaluate" in cmdline)
+    return state != "Z" and any(k in cmdline for k in ("recipes/sft.py", "eval.evaluate", "--per_user_for"))
 
 
 def _running_path(args: AblationArgs, q: str, stage: str) -> Path:
@@ -296,7 +357,7 @@ def run_stages(args: AblationArgs) -> None:
             subprocess.run(cmd, cwd=cwd, env=env, check=True)
     running: dict[tuple[str, str], tuple[Any, float, list[str], Path]] = {}
     for q in args.quantizers:  # stages still running from an earlier (killed) driver: wait for them
-        for stage in ("train", "eval"):
+        for stage in ("train", "eval", "peruser"):
             info = _running_info(args, q, stage)
             if info is not None:
                 logger.info("adopting %s %s (pid %d, started %s)", q, stage, info["pid"], info["started"])
@@ -309,6 +370,12 @@ def run_stages(args: AblationArgs) -> None:
         for q in args.quantizers
         if train_done(args, q) and not eval_done(args, q) and (q, "eval") not in running
     ]
+    if args.paired:
+        pending += [
+            (q, "peruser")
+            for q in args.quantizers
+            if train_done(args, q) and not per_user_done(args, q) and (q, "peruser") not in running
+        ]
     failed: list[tuple[str, str]] = []
     start = time.time()
     logger.info("stages to run: %s (cwd %s)", pending, cwd)
@@ -322,7 +389,8 @@ def run_stages(args: AblationArgs) -> None:
             _running_path(args, q, stage).unlink(missing_ok=True)
             seconds = time.time() - t0
             if isinstance(proc, _Adopted):  # no exit status: judge by the stage's output
-                rc = 0 if (train_done if stage == "train" else eval_done)(args, q) else 1
+                done = {"train": train_done, "eval": eval_done, "peruser": per_user_done}[stage]
+                rc = 0 if done(args, q) else 1
             if rc != 0:
                 logger.error("%s %s FAILED (rc %d) after %.0f s; see %s", q, stage, rc, seconds, log)
                 failed.append(key)
@@ -331,13 +399,17 @@ def run_stages(args: AblationArgs) -> None:
             logger.info("%s %s done in %.1f min", q, stage, seconds / 60)
             if stage == "train":
                 pending.append((q, "eval"))
+                if args.paired:
+                    pending.append((q, "peruser"))
         # "eval": evaluations first (a finished variant is worth more than a started one);
         # "train": trainings first (fewer idle slots at the end, all results come later)
         first = "eval" if args.priority == "eval" else "train"
-        pending.sort(key=lambda k: (k[1] != first, args.quantizers.index(k[0])))
+        order = {"train": 1, "eval": 1, "peruser": 2}
+        order[first] = 0
+        pending.sort(key=lambda k: (order[k[1]], args.quantizers.index(k[0])))
         while pending and len(running) < args.parallel:
             q, stage = pending.pop(0)
-            cmd = train_cmd(args, q) if stage == "train" else eval_cmd(args, q)
+            cmd = {"train": train_cmd, "eval": eval_cmd, "peruser": per_user_cmd}[stage](args, q)
             log = logs / f"{stage}_{q}.log"
             (ROOT / args.output_root / q).mkdir(parents=True, exist_ok=True)
             logger.info("start %s %s: %s > %s", q, stage, " ".join(cmd[1:]), log)
@@ -437,7 +509,46 @@ def collect(args: AblationArgs) -> dict[str, Any]:
                         m: res[key]["metrics"][m] for m in ("HR@10", "NDCG@10")
                     }
         rows[q] = row
+    rows["_paired"] = paired_rows(args)
     return rows
+
+
+def paired_rows(args: AblationArgs) -> list[dict[str, Any]]:
+    """Per-user differences (q - paired_base) on the same users, percentile bootstrap 95% CI."""
+    from eval.metrics import bootstrap_ci
+
+    base_path = ROOT / args.output_root / args.paired_base / "per_user.npz"
+    if not base_path.exists():
+        return []
+    base = dict(np.load(base_path))
+    out = []
+    for q in args.quantizers:
+        path = ROOT / args.output_root / q / "per_user.npz"
+        if q == args.paired_base or not path.exists():
+            continue
+        cur = dict(np.load(path))
+        for split in ("valid", "test"):
+            if not np.array_equal(cur[f"{split}/target"], base[f"{split}/target"]):
+                raise ValueError(f"{path}: {split} users differ from {base_path}")
+            for m in ("NDCG@10", "HR@10"):
+                diff = cur[f"{split}/{m}"] - base[f"{split}/{m}"]
+                low, high = bootstrap_ci(diff, n_boot=1000, seed=0)
+                out.append(
+                    {
+                        "model": q,
+                        "baseline": args.paired_base,
+                        "split": split,
+                        "metric": m,
+                        "users": len(diff),
+                        "difference": float(diff.mean()),
+                        "ci_low": low,
+                        "ci_high": high,
+                        "better_users": int((diff > 0).sum()),
+                        "worse_users": int((diff < 0).sum()),
+                        "model_mean": float(cur[f"{split}/{m}"].mean()),
+                    }
+                )
+    return out
 
 
 def hardware() -> dict[str, Any]:
@@ -475,6 +586,7 @@ def _overlap(a: dict[str, float], b: dict[str, float]) -> bool:
 
 def write_report(args: AblationArgs, rows: dict[str, Any]) -> None:
     refs = rows.pop("_references", {})
+    paired = rows.pop("_paired", [])
     qs = [q for q in args.quantizers if q in rows]
     done = [q for q in qs if "test" in rows[q]]
     out = ROOT / args.report_dir
@@ -494,6 +606,7 @@ def write_report(args: AblationArgs, rows: dict[str, Any]) -> None:
         "code_snapshots": snapshots,
         "hardware": hardware(),
         "references": refs,
+        "paired_differences": paired,
     }
     atomic_write_json(out / "quantizer_ablation.json", {"meta": meta, "results": rows})
 
@@ -587,7 +700,26 @@ def write_report(args: AblationArgs, rows: dict[str, Any]) -> None:
             "\\* random: codewords fitted as the mean residual of the randomly assigned items "
             "(the best additive reconstruction for those fixed codes).",
         ]
-    lines += ["", "## Reading", ""] + _reading(done, rows) + [""]
+    if paired:
+        lines += [
+            "",
+            f"## Paired per-user differences to {args.paired_base} (same users)",
+            "",
+            "Each model's per-user HR/NDCG from a second run of the same deterministic beam search "
+            "(`--per_user_for`, the code `eval.evaluate` runs), minus the "
+            f"{args.paired_base} model's on the same user; mean with a percentile bootstrap 95% CI "
+            "(1,000 resamples of users). Far tighter than comparing the unpaired CIs above.",
+            "",
+            "| model - base | split | metric | mean difference [95% CI] | users better / worse |",
+            "|---|---|---|---|---|",
+        ]
+        for r in paired:
+            lines.append(
+                f"| {r['model']} - {r['baseline']} | {r['split']} | {r['metric']} | "
+                f"{r['difference']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}] | "
+                f"{r['better_users']} / {r['worse_users']} |"
+            )
+    lines += ["", "## Reading", ""] + _reading(done, rows) + _paired_reading(paired) + [""]
     if len(done) < len(qs):
         lines += [f"Not finished: {', '.join(q for q in qs if q not in done)}.", ""]
     lines += ["![quantizer ablation](quantizer_ablation.png)", ""]
@@ -609,6 +741,19 @@ def _reading(done: list[str], rows: dict[str, Any]) -> list[str]:
         out.append(
             f"- {split}: highest NDCG@10 {best} ({rows[best][split]['NDCG@10']['value']:.4f}); 95% CIs overlap "
             f"with {', '.join(overl) or 'none'}; clearly below (CIs disjoint): {', '.join(apart) or 'none'}."
+        )
+    return out
+
+
+def _paired_reading(paired: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for r in paired:
+        if r["metric"] != "NDCG@10":
+            continue
+        verdict = "above" if r["ci_low"] > 0 else "below" if r["ci_high"] < 0 else "not distinguishable from"
+        out.append(
+            f"- paired, {r['split']}: {r['model']} is {verdict} {r['baseline']} on NDCG@10 "
+            f"({r['difference']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}])."
         )
     return out
 
@@ -669,6 +814,9 @@ def main() -> None:
     ]
     if unknown:
         raise SystemExit(f"no SID index or build config for {unknown}")
+    if args.per_user_for:
+        per_user_stage(args, args.per_user_for)
+        return
     if not args.report_only:
         run_stages(args)
     write_report(args, collect(args))
