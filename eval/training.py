@@ -9,7 +9,12 @@ Under DDP every process ranks the same users, so all ranks agree on the best che
 
 from __future__ import annotations
 
+import io
+import json
 import logging
+import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -17,6 +22,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from data_prep.dataset import RecDataset
+from data_prep.io import atomic_write_bytes
 from sid_tokenizer.llm import copy_catalogue
 from sid_tokenizer.sid import SidIndex, SidVocab
 
@@ -134,8 +140,10 @@ def plot_training_curves(log_history: list[dict], path: str | Path) -> None:
     if ranks:
         axes[1].legend()
     fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    atomic_write_bytes(path, buf.getvalue())  # a kill while saving never leaves a truncated PNG
     plt.close(fig)
 
 
@@ -150,3 +158,134 @@ def save_final_model(trainer, path: str | Path) -> None:
         model.save_pretrained(path)
     else:
         trainer.save_model(str(path))
+
+
+# ----------------------------------------------------------------------------- resumable runs
+# Shared by recipes/sft.py and recipes/rl.py: a run killed at any point (kill -9) is rerun with the
+# same command and resumes from its last complete checkpoint; final/ only ever exists complete.
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# leftovers of a killed run: data_prep.io temporary files (.NAME.XXXX.tmp) and the final-model
+# staging / replaced directories of save_final (.final.partial, .final.old, ..._adapter)
+_STRAY = re.compile(r"^\..+(\.tmp|\.partial|\.partial_adapter|\.old)$")
+
+
+def _complete_checkpoint(path: Path) -> bool:
+    """A checkpoint is complete when its trainer_state.json parses: the Trainer writes it after
+    the model, optimizer, scheduler and RNG states."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "global_step" in state
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def last_complete_checkpoint(out: Path) -> str | None:
+    """The last ``checkpoint-N`` in ``out`` whose save finished (None if there is none)."""
+    if not out.is_dir():
+        return None
+    done = [p for p in _checkpoints(out) if _complete_checkpoint(p)]
+    return str(done[-1]) if done else None
+
+
+def clean_output_dir(out: Path) -> None:
+    """Make a run killed at any point (kill -9) resumable: remove temporary files and staging
+    directories of interrupted atomic writes, and checkpoint directories whose save was
+    interrupted (no complete trainer_state.json: the Trainer does not write checkpoints
+    atomically), so the rerun resumes from the last complete one. Main process only."""
+    if not out.is_dir():
+        return
+    for entry in sorted(out.iterdir()):
+        if _STRAY.match(entry.name):
+            logger.warning("removing %s left by an interrupted run", entry)
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    for path in _checkpoints(out):
+        if not _complete_checkpoint(path):
+            logger.warning("removing incomplete %s (its save was interrupted)", path)
+            shutil.rmtree(path)
+
+
+def finished_state(last: str | None, args) -> dict | None:
+    """The trainer state saved in ``last`` if that checkpoint ends the run ``args`` asks for."""
+    if last is None:
+        return None
+    state = json.loads((Path(last) / "trainer_state.json").read_text())
+    if args.max_steps > 0:
+        target = args.max_steps
+    elif state.get("num_train_epochs") == args.num_train_epochs:
+        target = state.get("max_steps")
+    else:
+        return None
+    return state if target and state["global_step"] >= target else None
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``, replacing it; at every instant ``dst`` is absent or complete."""
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_final(trainer, tokenizer, sft: Path, final: Path) -> None:
+    """Model (LoRA merged; the adapter in ``<final>_adapter``), tokenizer and ``sidrec/``
+    catalogue, staged in ``.final.partial`` and renamed into place: ``final/`` exists only
+    complete. Called on every process (sharded saves), the main one writes and renames."""
+    acc = trainer.accelerator
+    tmp = final.with_name(f".{final.name}.partial")
+    tmp_adapter = Path(f"{tmp}_adapter")
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp_adapter, ignore_errors=True)
+    acc.wait_for_everyone()
+    save_final_model(trainer, tmp)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        tokenizer.save_pretrained(tmp)
+        copy_catalogue(sft, tmp)
+        if tmp_adapter.exists():
+            _replace_dir(tmp_adapter, Path(f"{final}_adapter"))
+        _replace_dir(tmp, final)
+    acc.wait_for_everyone()
+
+
+def prepare_output_dir(training_args) -> tuple[str | None, dict | None]:
+    """Clean what a killed run left (main process first), then return the last complete
+    checkpoint and, when that checkpoint already ends the requested run, its trainer state."""
+    out = Path(training_args.output_dir)
+    with training_args.main_process_first(desc="cleaning the output dir"):
+        if training_args.process_index == 0:
+            clean_output_dir(out)
+        last = last_complete_checkpoint(out)
+    return last, finished_state(last, training_args)
+
+
+def train_or_finish(trainer, last: str | None, done: dict | None) -> None:
+    """``trainer.train`` resuming from ``last``; or, when the run already reached its last step
+    (killed after the last checkpoint, before final/ was complete), load the weights train()
+    ended with instead: a Trainer resumed at max_steps runs one step more (transformers 5.19)."""
+    from transformers import TrainerState
+
+    if done is not None:
+        out = Path(trainer.args.output_dir)
+        trainer.state = TrainerState.load_from_json(str(Path(last) / "trainer_state.json"))
+        best = out / f"checkpoint-{trainer.state.best_global_step}"
+        src = best if trainer.args.load_best_model_at_end and best.is_dir() else Path(last)
+        logger.info("training already finished at step %d (%s): saving final/ from %s",
+                    trainer.state.global_step, last, src)
+        trainer._load_from_checkpoint(str(src))
+        return
+    if last:
+        logger.info("resuming from %s", last)
+        trainer.args.eval_on_start = False  # the starting point was evaluated by the first run
+    trainer.train(resume_from_checkpoint=last)

@@ -23,15 +23,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from datasets import Dataset
-from transformers import TrainerState
 from trl import DPOConfig, GRPOConfig, ModelConfig, TrlParser, get_peft_config
 
 from data_prep.dataset import RecDataset
@@ -46,8 +42,8 @@ from eval.rl import (
     rl_prompt_rows,
     sasrec_item_scorer,
 )
-from eval.training import save_final_model
-from sid_tokenizer.llm import Catalogue, copy_catalogue
+from eval.training import prepare_output_dir, save_final, train_or_finish
+from sid_tokenizer.llm import Catalogue
 
 logger = logging.getLogger(__name__)
 
@@ -152,101 +148,6 @@ def check_pairs(path: Path, pairs: list[dict], rows: list[dict], num_negatives: 
         )
 
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# leftovers of a killed run: data_prep.io temporary files (.NAME.XXXX.tmp) and the final-model
-# staging / replaced directories of save_final (.final.partial, .final.old, ..._adapter)
-_STRAY = re.compile(r"^\..+(\.tmp|\.partial|\.partial_adapter|\.old)$")
-
-
-def _complete_checkpoint(path: Path) -> bool:
-    """A checkpoint is complete when its trainer_state.json parses: the Trainer writes it after
-    the model, optimizer, scheduler and RNG states."""
-    try:
-        state = json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(state, dict) and "global_step" in state
-
-
-def _checkpoints(out: Path) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found)]
-
-
-def last_complete_checkpoint(out: Path) -> str | None:
-    """The last ``checkpoint-N`` in ``out`` whose save finished (None if there is none)."""
-    if not out.is_dir():
-        return None
-    done = [p for p in _checkpoints(out) if _complete_checkpoint(p)]
-    return str(done[-1]) if done else None
-
-
-def clean_output_dir(out: Path) -> None:
-    """Make a run killed at any point (kill -9) resumable: remove temporary files and staging
-    directories of interrupted atomic writes, and checkpoint directories whose save was
-    interrupted (no complete trainer_state.json: the Trainer does not write checkpoints
-    atomically), so the rerun resumes from the last complete one. Main process only."""
-    if not out.is_dir():
-        return
-    for entry in sorted(out.iterdir()):
-        if _STRAY.match(entry.name):
-            logger.warning("removing %s left by an interrupted run", entry)
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-    for path in _checkpoints(out):
-        if not _complete_checkpoint(path):
-            logger.warning("removing incomplete %s (its save was interrupted)", path)
-            shutil.rmtree(path)
-
-
-def finished_state(last: str | None, args) -> dict | None:
-    """The trainer state saved in ``last`` if that checkpoint ends the run ``args`` asks for."""
-    if last is None:
-        return None
-    state = json.loads((Path(last) / "trainer_state.json").read_text())
-    if args.max_steps > 0:
-        target = args.max_steps
-    elif state.get("num_train_epochs") == args.num_train_epochs:
-        target = state.get("max_steps")
-    else:
-        return None
-    return state if target and state["global_step"] >= target else None
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``, replacing it; at every instant ``dst`` is absent or complete."""
-    old = dst.with_name(f".{dst.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_final(trainer, tokenizer, sft: Path, final: Path) -> None:
-    """Model (LoRA merged; the adapter in ``<final>_adapter``), tokenizer and ``sidrec/``
-    catalogue, staged in ``.final.partial`` and renamed into place: ``final/`` exists only
-    complete. Called on every process (sharded saves), the main one writes and renames."""
-    acc = trainer.accelerator
-    tmp = final.with_name(f".{final.name}.partial")
-    tmp_adapter = Path(f"{tmp}_adapter")
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(tmp_adapter, ignore_errors=True)
-    acc.wait_for_everyone()
-    save_final_model(trainer, tmp)
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        tokenizer.save_pretrained(tmp)
-        copy_catalogue(sft, tmp)
-        if tmp_adapter.exists():
-            _replace_dir(tmp_adapter, Path(f"{final}_adapter"))
-        _replace_dir(tmp, final)
-    acc.wait_for_everyone()
-
-
 def main(script_args: RLScriptArgs, training_args: GRPOConfig | DPOConfig, model_args: ModelConfig) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -264,13 +165,8 @@ def main(script_args: RLScriptArgs, training_args: GRPOConfig | DPOConfig, model
             f"{sft}/sidrec has {len(index)} items, dataset {dataset_dir} has {dataset.num_items}"
         )
     out = Path(training_args.output_dir)
-    with training_args.main_process_first(desc="cleaning the output dir"):
-        # the main process first removes what a killed run left; then all see the same checkpoints
-        if training_args.process_index == 0:
-            clean_output_dir(out)
-        last = last_complete_checkpoint(out)
+    last, done = prepare_output_dir(training_args)
     final = out / "final"
-    done = finished_state(last, training_args)
     if done is not None and final.is_dir():  # final/ only ever exists complete (save_final)
         logger.info(
             "training already finished at step %d (%s) and %s exists", done["global_step"], last, final
@@ -374,24 +270,7 @@ def main(script_args: RLScriptArgs, training_args: GRPOConfig | DPOConfig, model
             "eval_prompts": len(eval_rows),
         },
     )
-    if done is not None:
-        # killed after the last checkpoint, before final/ was complete. Not train(resume): a Trainer
-        # resumed at max_steps runs one step more (transformers 5.19); load what train() ended with
-        trainer.state = TrainerState.load_from_json(str(Path(last) / "trainer_state.json"))
-        best = out / f"checkpoint-{trainer.state.best_global_step}"
-        src = best if training_args.load_best_model_at_end and best.is_dir() else Path(last)
-        logger.info(
-            "training already finished at step %d (%s): saving final/ from %s",
-            trainer.state.global_step,
-            last,
-            src,
-        )
-        trainer._load_from_checkpoint(str(src))
-    else:
-        if last:
-            logger.info("resuming from %s", last)
-            trainer.args.eval_on_start = False  # the starting point was evaluated by the first run
-        trainer.train(resume_from_checkpoint=last)
+    train_or_finish(trainer, last, done)
     save_final(trainer, tokenizer, sft, final)
     if trainer.accelerator.is_main_process:
         plot_rl_curves(

@@ -11,13 +11,11 @@ train (resuming from the last checkpoint) -> save model, tokenizer and the catal
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset
-from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, SFTConfig, TrlParser, get_peft_config, get_quantization_config
 
 from data_prep.dataset import RecDataset
@@ -27,10 +25,12 @@ from eval.training import (
     SidSFTTrainer,
     load_sid_dir,
     plot_training_curves,
-    save_final_model,
+    prepare_output_dir,
+    save_final,
+    train_or_finish,
     trainable_sid_rows_only,
 )
-from sid_tokenizer.llm import copy_catalogue, prepare_base_checkpoint
+from sid_tokenizer.llm import prepare_base_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,13 @@ def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelCon
     dataset = RecDataset.load(script_args.dataset_dir)
     index = load_sid_dir(script_args.sid_dir, dataset)
     out = Path(training_args.output_dir)
+    last, done = prepare_output_dir(training_args)
+    final = out / "final"
+    if done is not None and final.is_dir():  # final/ only ever exists complete (save_final)
+        logger.info("training already finished at step %d (%s) and %s exists", done["global_step"], last, final)
+        if training_args.process_index == 0:
+            plot_training_curves(done["log_history"], out / "training_curves.png")
+        return
     base = prepare_base_checkpoint(
         out / "base", dataset, index, model_args.model_name_or_path, preset=script_args.model_preset,
         sid_init=script_args.sid_embedding_init, seed=training_args.seed,
@@ -92,15 +99,10 @@ def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelCon
         peft_config=get_peft_config(model_args),
         callbacks=[CatalogueCallback(base)],
         rank_eval=(dataset, index, dataset.valid, script_args) if script_args.rank_eval_users > 0 else None)
-    last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-    if last:
-        logger.info("resuming from %s", last)
-    trainer.train(resume_from_checkpoint=last)
-    final = out / "final"
-    save_final_model(trainer, final)
-    tokenizer.save_pretrained(final)
-    copy_catalogue(base, final)
-    plot_training_curves(trainer.state.log_history, out / "training_curves.png")
+    train_or_finish(trainer, last, done)
+    save_final(trainer, tokenizer, base, final)
+    if trainer.accelerator.is_main_process:
+        plot_training_curves(trainer.state.log_history, out / "training_curves.png")
     logger.info("saved %s", final)
 
 

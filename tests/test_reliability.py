@@ -17,39 +17,46 @@ from pathlib import Path
 import pytest
 
 from sid_tokenizer.llm import load_checkpoint
-from tests.conftest import ROOT, run_cmd
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
 
 def test_sft_survives_kill_9(scientific_dirs, tmp_path):
-    out = tmp_path / "sft_kill"
+    out, max_steps = tmp_path / "sft_kill", 30
     cmd = [sys.executable, "recipes/sft.py", "--config", "recipes/configs/sft_demo.yaml",
            "--dataset_dir", str(scientific_dirs["dataset"]), "--sid_dir", str(scientific_dirs["sid"]),
-           "--output_dir", str(out), "--max_steps", "60", "--save_steps", "3", "--eval_strategy", "no",
+           "--output_dir", str(out), "--max_steps", str(max_steps), "--save_steps", "3", "--eval_strategy", "no",
            "--load_best_model_at_end", "false", "--rank_eval_users", "0", "--logging_steps", "1",
            "--report_to", "none", "--per_device_train_batch_size", "8", "--save_total_limit", "2"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 600
-    try:
-        while not (out / "checkpoint-6" / "trainer_state.json").exists():
-            assert proc.poll() is None, "training ended before it could be killed"
-            assert time.time() < deadline, "no checkpoint-6 within 10 minutes"
-            time.sleep(0.5)
-        time.sleep(0.3)  # kill while training (and possibly writing) continues
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    _kill_9_when(cmd, tmp_path / "run1.log", _saved(out, 6), "checkpoint-6", delay=0.3)
     assert not (out / "final").exists()
-    # no half-written base checkpoint or temporary directories left in a state that breaks the rerun
-    result = run_cmd(cmd)
-    assert "resuming from" in result.stderr
-    state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"),
-                              key=lambda p: int(p.parent.name.split("-")[1]))[-1].read_text())
-    assert state["global_step"] == 60
-    model, tok, cat = load_checkpoint(out / "final")
-    assert len(cat.index) == 4344 and model.config.vocab_size >= len(tok)
+    last = _checkpoints(out)[-1]
+    if _state(last) is not None:  # the kill missed a save: leave one interrupted like a real kill would
+        last = out / f"checkpoint-{int(last.name.split('-')[1]) + 3}"
+        shutil.copytree(_checkpoints(out)[-1], last)
+        (last / "trainer_state.json").write_text((last / "trainer_state.json").read_text()[:100])
+    complete = int(_checkpoints(out)[-2].name.split("-")[1])
+
+    # rerun the same command: drops the interrupted checkpoint, resumes from the last complete one
+    log = _run(cmd, tmp_path / "run2.log")
+    assert _resumed_from(log) == complete and f"removing incomplete {last}" in log
+    _assert_finished_intact(out, max_steps)
+    weights = (out / "final" / "model.safetensors").read_bytes()
+
+    # rerun after completion: no extra step (a Trainer resumed at max_steps runs one more), final/ untouched
+    log = _run(cmd, tmp_path / "run3.log")
+    assert f"training already finished at step {max_steps}" in log and "resuming from" not in log
+    _assert_finished_intact(out, max_steps)
+    assert (out / "final" / "model.safetensors").read_bytes() == weights
+
+    # killed while final/ was being staged: the rerun saves it from the last checkpoint
+    os.replace(out / "final", out / ".final.partial")
+    (out / ".final.partial" / "model.safetensors").write_bytes(weights[:1000])
+    log = _run(cmd, tmp_path / "run4.log")
+    assert "saving final/ from" in log and "resuming from" not in log
+    _assert_finished_intact(out, max_steps)
+    assert (out / "final" / "model.safetensors").read_bytes() == weights
 
 
 # ---------------------------------------------------------------- RL (recipes/rl.py)

@@ -120,9 +120,11 @@ def test_mined_pairs_are_cached_and_checked_against_the_run(tmp_path):
 
 
 def test_output_dir_of_a_killed_run_is_cleaned_to_the_last_complete_checkpoint(tmp_path):
+    from eval import training as tr
+
     rl = load_recipe("rl")
     out = tmp_path / "rl"
-    assert rl.last_complete_checkpoint(out) is None
+    assert tr.last_complete_checkpoint(out) is None
     for step, state in (
         (2, '{"global_step": 2, "max_steps": 6, "num_train_epochs": 1}'),
         (4, '{"global_step": 4, "max_st'),
@@ -135,18 +137,18 @@ def test_output_dir_of_a_killed_run_is_cleaned_to_the_last_complete_checkpoint(t
     (out / ".final.partial").mkdir()
     (out / ".pairs_train.jsonl.x1.tmp").write_text('{"prompt": ')
     (out / "pairs_eval.jsonl").write_text("{}\n")
-    assert rl.last_complete_checkpoint(out) == str(out / "checkpoint-2")  # read-only lookup
-    rl.clean_output_dir(out)
+    assert tr.last_complete_checkpoint(out) == str(out / "checkpoint-2")  # read-only lookup
+    tr.clean_output_dir(out)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "pairs_eval.jsonl"]
-    last = rl.last_complete_checkpoint(out)
+    last = tr.last_complete_checkpoint(out)
     assert last == str(out / "checkpoint-2")
     _, grpo, _ = rl.parse_args(["--config", "recipes/configs/grpo_demo.yaml", "--max_steps", "6"])
-    assert rl.finished_state(last, grpo) is None
+    assert tr.finished_state(last, grpo) is None
     grpo.max_steps = 2
-    assert rl.finished_state(last, grpo)["global_step"] == 2
+    assert tr.finished_state(last, grpo)["global_step"] == 2
     grpo.max_steps, grpo.num_train_epochs = -1, 1
-    assert rl.finished_state(last, grpo) is None  # 2 of the 6 steps of one epoch
-    assert rl.finished_state(None, grpo) is None
+    assert tr.finished_state(last, grpo) is None  # 2 of the 6 steps of one epoch
+    assert tr.finished_state(None, grpo) is None
 
 
 # ---------------------------------------------------------------- slow: the tiny SFT model
