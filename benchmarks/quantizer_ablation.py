@@ -79,6 +79,10 @@ class AblationArgs:
         },
     )
     paired_base: str = field(default="rkmeans", metadata={"help": "paired differences are to this quantizer"})
+    notes_md: str | None = field(
+        default="docs/results/quantizer_ablation.notes.md",
+        metadata={"help": "hand-written notes on the run, included under '## Notes' when the file exists"},
+    )
     per_user_for: str | None = field(default=None, metadata={"help": "internal: the per-user stage of one q"})
     poll_seconds: float = 30.0
     priority: str = field(default="eval", metadata={"help": "eval | train: which ready stages start first"})
@@ -622,8 +626,9 @@ def write_report(args: AblationArgs, rows: dict[str, Any]) -> None:
         + ".",
         "",
         "Same recipe and budget for every SID index: the tiny offline default decoder trained from scratch, "
-        f"**seq2seq task only** (the full SFT mixture of `sft_scientific.yaml` costs ~9x more per epoch "
-        f"on this CPU: ~7.5 vs ~0.8 min), {args.epochs} epochs, seed 42, batch 32, lr 3e-3 cosine; validation NDCG@10 on 500 "
+        "**seq2seq task only** (an epoch of the full SFT mixture of `sft_scientific.yaml` took ~7.5 min in "
+        "the README's run, against ~0.8 min for seq2seq alone on a quiet machine and ~1.3-2 min under this "
+        f"run's load), {args.epochs} epochs, seed 42, batch 32, lr 3e-3 cosine; validation NDCG@10 on 500 "
         "validation users after every epoch, the best epoch's weights saved as `final`. Then full-catalogue "
         "constrained beam search (20 beams) on **all** 8,317 validation and test users; item-level "
         "HR@10/NDCG@10 with bootstrap 95% CIs (1,000 resamples).",
@@ -666,8 +671,8 @@ def write_report(args: AblationArgs, rows: dict[str, Any]) -> None:
             )
     lines += [
         "",
-        "Train/eval minutes are wall time on the shared machine (two stages ran side by side), "
-        "not comparable across rows to better than about +-30%.",
+        "Train/eval minutes are wall time on the shared machine (two stages side by side, plus other "
+        "people's jobs): they track the machine's load at the time, not the SIDs (see the notes).",
         "",
     ]
     lines += [
@@ -722,6 +727,8 @@ def write_report(args: AblationArgs, rows: dict[str, Any]) -> None:
     lines += ["", "## Reading", ""] + _reading(done, rows) + _paired_reading(paired) + [""]
     if len(done) < len(qs):
         lines += [f"Not finished: {', '.join(q for q in qs if q not in done)}.", ""]
+    if args.notes_md and (ROOT / args.notes_md).exists():
+        lines += ["## Notes", "", (ROOT / args.notes_md).read_text().strip(), ""]
     lines += ["![quantizer ablation](quantizer_ablation.png)", ""]
     atomic_write_text(out / "quantizer_ablation.md", "\n".join(lines))
     _plot(qs, rows, out / "quantizer_ablation.png")
