@@ -519,7 +519,7 @@ def collect(args: AblationArgs) -> dict[str, Any]:
 
 def paired_rows(args: AblationArgs) -> list[dict[str, Any]]:
     """Per-user differences (q - paired_base) on the same users, percentile bootstrap 95% CI."""
-    from eval.metrics import bootstrap_ci
+    from eval.metrics import paired_difference
 
     base_path = ROOT / args.output_root / args.paired_base / "per_user.npz"
     if not base_path.exists():
@@ -536,22 +536,9 @@ def paired_rows(args: AblationArgs) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}: {split} users differ from {base_path}")
             for m in ("NDCG@10", "HR@10"):
                 diff = cur[f"{split}/{m}"] - base[f"{split}/{m}"]
-                low, high = bootstrap_ci(diff, n_boot=1000, seed=0)
-                out.append(
-                    {
-                        "model": q,
-                        "baseline": args.paired_base,
-                        "split": split,
-                        "metric": m,
-                        "users": len(diff),
-                        "difference": float(diff.mean()),
-                        "ci_low": low,
-                        "ci_high": high,
-                        "better_users": int((diff > 0).sum()),
-                        "worse_users": int((diff < 0).sum()),
-                        "model_mean": float(cur[f"{split}/{m}"].mean()),
-                    }
-                )
+                row = paired_difference(diff, n_boot=1000, seed=0, model=q, baseline=args.paired_base,
+                                        split=split, metric=m)
+                out.append({**row, "model_mean": float(cur[f"{split}/{m}"].mean())})
     return out
 
 

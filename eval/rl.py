@@ -627,7 +627,7 @@ def paired_differences(args: RLReportArgs) -> list[dict]:
     bootstrap 95% CIs of the mean difference: far tighter than comparing two unpaired CIs."""
     from data_prep.io import read_json
     from eval.generate import SidRanker, evaluate_examples
-    from eval.metrics import bootstrap_ci
+    from eval.metrics import paired_difference
     from sid_tokenizer.llm import load_checkpoint
 
     named = [p.split("=", 1) for p in args.paired]
@@ -651,21 +651,8 @@ def paired_differences(args: RLReportArgs) -> list[dict]:
         for split in args.paired_splits:
             for metric in args.paired_metrics:
                 diff = np.asarray(per_user[name, split][metric]) - np.asarray(per_user[base, split][metric])
-                low, high = bootstrap_ci(diff, n_boot=args.n_boot, seed=args.seed)
-                rows.append(
-                    {
-                        "model": name,
-                        "baseline": base,
-                        "split": split,
-                        "metric": metric,
-                        "users": len(diff),
-                        "difference": float(diff.mean()),
-                        "ci_low": low,
-                        "ci_high": high,
-                        "better_users": int((diff > 0).sum()),
-                        "worse_users": int((diff < 0).sum()),
-                    }
-                )
+                rows.append(paired_difference(diff, n_boot=args.n_boot, seed=args.seed, model=name,
+                                              baseline=base, split=split, metric=metric))
     return rows
 
 

@@ -42,21 +42,7 @@ def test_sft_survives_kill_9(scientific_dirs, tmp_path):
     log = _run(cmd, tmp_path / "run2.log")
     assert _resumed_from(log) == complete and f"removing incomplete {last}" in log
     _assert_finished_intact(out, max_steps)
-    weights = (out / "final" / "model.safetensors").read_bytes()
-
-    # rerun after completion: no extra step (a Trainer resumed at max_steps runs one more), final/ untouched
-    log = _run(cmd, tmp_path / "run3.log")
-    assert f"training already finished at step {max_steps}" in log and "resuming from" not in log
-    _assert_finished_intact(out, max_steps)
-    assert (out / "final" / "model.safetensors").read_bytes() == weights
-
-    # killed while final/ was being staged: the rerun saves it from the last checkpoint
-    os.replace(out / "final", out / ".final.partial")
-    (out / ".final.partial" / "model.safetensors").write_bytes(weights[:1000])
-    log = _run(cmd, tmp_path / "run4.log")
-    assert "saving final/ from" in log and "resuming from" not in log
-    _assert_finished_intact(out, max_steps)
-    assert (out / "final" / "model.safetensors").read_bytes() == weights
+    _rerun_after_completion_then_restage_final(cmd, out, max_steps, tmp_path)
 
 
 # ---------------------------------------------------------------- RL (recipes/rl.py)
@@ -126,6 +112,26 @@ def _assert_finished_intact(out: Path, max_steps: int) -> dict:
     return state
 
 
+def _rerun_after_completion_then_restage_final(cmd: list[str], out: Path, max_steps: int, tmp_path: Path) -> None:
+    """A finished run rerun: nothing trained (a Trainer resumed at max_steps runs one step more),
+    final/ and the logs untouched. Then a kill while final/ was being staged (after the last
+    checkpoint): the rerun saves final/ again from the checkpoints, byte-identical."""
+    weights = (out / "final" / "model.safetensors").read_bytes()
+    history = _state(_checkpoints(out)[-1])["log_history"]
+    log = _run(cmd, tmp_path / "rerun_done.log")
+    assert f"training already finished at step {max_steps}" in log and "resuming from" not in log
+    assert _state(_checkpoints(out)[-1])["log_history"] == history
+    _assert_finished_intact(out, max_steps)
+    assert (out / "final" / "model.safetensors").read_bytes() == weights
+
+    os.replace(out / "final", out / ".final.partial")
+    (out / ".final.partial" / "model.safetensors").write_bytes(weights[:1000])
+    log = _run(cmd, tmp_path / "rerun_staged.log")
+    assert "saving final/ from" in log and "resuming from" not in log
+    _assert_finished_intact(out, max_steps)
+    assert (out / "final" / "model.safetensors").read_bytes() == weights
+
+
 def _rl_cmd(config: str, tiny_sft: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "recipes/rl.py", "--config", config, "--model_name_or_path", str(tiny_sft / "final"),
             "--output_dir", str(out), "--save_steps", "3", "--eval_steps", "3", "--save_total_limit", "2",
@@ -153,22 +159,7 @@ def test_grpo_survives_kill_9(tiny_sft, tmp_path):
     state = _assert_finished_intact(out, max_steps)
     # the start was evaluated once, by the first run (a resumed run does not re-run eval_on_start)
     assert sum(1 for r in state["log_history"] if "eval_NDCG@10" in r and r["step"] == 0) == 1
-    weights = (out / "final" / "model.safetensors").read_bytes()
-
-    # rerun after completion: nothing to train (no extra step), final/ untouched
-    log = _run(cmd, tmp_path / "run3.log")
-    assert "training already finished at step 30" in log and "resuming from" not in log
-    assert _state(_checkpoints(out)[-1])["log_history"] == state["log_history"]
-    _assert_finished_intact(out, max_steps)
-    assert (out / "final" / "model.safetensors").read_bytes() == weights
-
-    # killed after the last checkpoint while final/ was being staged: the rerun saves it from the checkpoints
-    os.replace(out / "final", out / ".final.partial")
-    (out / ".final.partial" / "model.safetensors").write_bytes(weights[:1000])
-    log = _run(cmd, tmp_path / "run4.log")
-    assert "saving final/ from" in log and "resuming from" not in log
-    _assert_finished_intact(out, max_steps)
-    assert (out / "final" / "model.safetensors").read_bytes() == weights
+    _rerun_after_completion_then_restage_final(cmd, out, max_steps, tmp_path)
 
 
 def test_dpo_survives_kill_9_while_mining_and_training(tiny_sft, tmp_path):
