@@ -270,6 +270,15 @@ def prepare_output_dir(training_args) -> tuple[str | None, dict | None]:
     return last, finished_state(last, training_args)
 
 
+def already_finished(last: str | None, done: dict | None, final: Path) -> bool:
+    """True when a rerun has nothing to do: the run reached its last step (``done``, from
+    ``prepare_output_dir``) and ``final/`` exists (it only ever exists complete: ``save_final``)."""
+    if done is None or not final.is_dir():
+        return False
+    logger.info("training already finished at step %d (%s) and %s exists", done["global_step"], last, final)
+    return True
+
+
 def train_or_finish(trainer, last: str | None, done: dict | None) -> None:
     """``trainer.train`` resuming from ``last``; or, when the run already reached its last step
     (killed after the last checkpoint, before final/ was complete), load the weights train()

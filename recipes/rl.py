@@ -42,7 +42,7 @@ from eval.rl import (
     rl_prompt_rows,
     sasrec_item_scorer,
 )
-from eval.training import prepare_output_dir, save_final, train_or_finish
+from eval.training import already_finished, prepare_output_dir, save_final, train_or_finish
 from sid_tokenizer.llm import Catalogue
 
 logger = logging.getLogger(__name__)
@@ -167,10 +167,7 @@ def main(script_args: RLScriptArgs, training_args: GRPOConfig | DPOConfig, model
     out = Path(training_args.output_dir)
     last, done = prepare_output_dir(training_args)
     final = out / "final"
-    if done is not None and final.is_dir():  # final/ only ever exists complete (save_final)
-        logger.info(
-            "training already finished at step %d (%s) and %s exists", done["global_step"], last, final
-        )
+    if already_finished(last, done, final):
         if training_args.process_index == 0:
             plot_rl_curves(
                 done["log_history"], out / "training_curves.png", title=f"{script_args.algorithm} from {sft}"

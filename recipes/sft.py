@@ -23,6 +23,7 @@ from data_prep.tasks import build_mixture, eval_rows, tokenize_rows
 from eval.training import (
     CatalogueCallback,
     SidSFTTrainer,
+    already_finished,
     load_sid_dir,
     plot_training_curves,
     prepare_output_dir,
@@ -64,8 +65,7 @@ def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelCon
     out = Path(training_args.output_dir)
     last, done = prepare_output_dir(training_args)
     final = out / "final"
-    if done is not None and final.is_dir():  # final/ only ever exists complete (save_final)
-        logger.info("training already finished at step %d (%s) and %s exists", done["global_step"], last, final)
+    if already_finished(last, done, final):
         if training_args.process_index == 0:
             plot_training_curves(done["log_history"], out / "training_curves.png")
         return
