@@ -27,17 +27,21 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(ROOT))
 
 from data_prep.dataset import RecDataset  # noqa: E402
-from data_prep.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
-from data_prep.tasks import seq2seq_prompt  # noqa: E402
+from data_prep.io import atomic_write_json, atomic_write_text  # noqa: E402
 from eval.generate import SidRanker  # noqa: E402
+from sid_tokenizer.catalog import checkpoint_dataset_dir, load_checkpoint  # noqa: E402
 from sid_tokenizer.constrained import SidLogitsProcessor  # noqa: E402
-from sid_tokenizer.llm import load_checkpoint  # noqa: E402
+from sid_tokenizer.prompts import seq2seq_prompt  # noqa: E402
 from sid_tokenizer.trie import SidTrie  # noqa: E402
 
 
-def time_rank(ranker: SidRanker, prompts: list[str], beams: int, batch: int, constrained: bool, backend: str) -> float:
+def time_rank(
+    ranker: SidRanker, prompts: list[str], beams: int, batch: int, constrained: bool, backend: str
+) -> float:
     t = time.perf_counter()
-    ranker.rank(prompts, num_beams=beams, batch_size=batch, constrained=constrained, progress=False, backend=backend)
+    ranker.rank(
+        prompts, num_beams=beams, batch_size=batch, constrained=constrained, progress=False, backend=backend
+    )
     return time.perf_counter() - t
 
 
@@ -48,11 +52,17 @@ def processor_scaling(num_items: int, rows: int, vocab: int = 4000, levels: int 
     trie = SidTrie(codes, (size,) * levels)
     build = time.perf_counter() - t
     level_ids = [np.arange(vocab + lv * size, vocab + (lv + 1) * size) for lv in range(levels)]
-    proc = SidLogitsProcessor(trie, level_ids, prompt_length=8, eos_token_id=0, vocab_size=vocab + levels * size)
+    proc = SidLogitsProcessor(
+        trie, level_ids, prompt_length=8, eos_token_id=0, vocab_size=vocab + levels * size
+    )
     out = {"items": num_items, "rows": rows, "trie_build_s": round(build, 3)}
     for step in range(levels):
         pick = codes[rng.integers(0, num_items, rows)]
-        gen = np.stack([level_ids[lv][pick[:, lv]] for lv in range(step)], 1) if step else np.zeros((rows, 0), int)
+        gen = (
+            np.stack([level_ids[lv][pick[:, lv]] for lv in range(step)], 1)
+            if step
+            else np.zeros((rows, 0), int)
+        )
         ids = torch.cat([torch.ones(rows, 8, dtype=torch.long), torch.as_tensor(gen, dtype=torch.long)], 1)
         scores = torch.randn(rows, vocab + levels * size)
         proc(ids, scores)
@@ -72,12 +82,14 @@ def main() -> None:
     ap.add_argument("--beams", type=int, default=20)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on a shared machine)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 avoids oversubscription on a shared machine)"
+    )
     ap.add_argument("--out", default="docs/results/constrained_decoding")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok, cat = load_checkpoint(args.checkpoint)
-    ds = RecDataset.load(read_json(Path(args.checkpoint) / "sidrec" / "meta.json")["dataset_dir"])
+    ds = RecDataset.load(checkpoint_dataset_dir(args.checkpoint))
     ranker = SidRanker(model, tok, cat.index)
     prompts = [seq2seq_prompt(cat.index, e.history) for e in ds.test[: args.users]]
     time_rank(ranker, prompts[: args.batch], args.beams, args.batch, True, "sid_beam")  # warm-up
@@ -85,27 +97,46 @@ def main() -> None:
     times: dict[str, list[float]] = {f"{b}/{'constrained' if c else 'free'}": [] for b, c in variants}
     for _ in range(args.repeats):
         for b, c in variants:
-            times[f"{b}/{'constrained' if c else 'free'}"].append(time_rank(ranker, prompts, args.beams, args.batch, c, b))
+            times[f"{b}/{'constrained' if c else 'free'}"].append(
+                time_rank(ranker, prompts, args.beams, args.batch, c, b)
+            )
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
-        "checkpoint": args.checkpoint, "users": len(prompts), "beams": args.beams, "batch": args.batch,
+        "checkpoint": args.checkpoint,
+        "users": len(prompts),
+        "beams": args.beams,
+        "batch": args.batch,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "seconds_median": {k: round(v, 3) for k, v in med.items()},
-        "ratio_constrained_over_free": {b: round(med[f"{b}/constrained"] / med[f"{b}/free"], 3) for b in ("hf", "sid_beam")},
+        "ratio_constrained_over_free": {
+            b: round(med[f"{b}/constrained"] / med[f"{b}/free"], 3) for b in ("hf", "sid_beam")
+        },
         "speedup_sid_beam_over_hf_generate": round(med["hf/constrained"] / med["sid_beam/constrained"], 2),
         "processor_1M_items": processor_scaling(1_000_000, rows=args.batch * args.beams),
     }
-    md = ["# Constrained decoding benchmark", "", f"`python benchmarks/constrained_decoding.py --checkpoint {args.checkpoint}` "
-          f"({result['machine']}; {len(prompts)} test users, {args.beams} beams, median of {args.repeats})", "",
-          "| decoder | free (s) | constrained (s) | constrained / free |", "|---|---|---|---|"]
+    md = [
+        "# Constrained decoding benchmark",
+        "",
+        f"`python benchmarks/constrained_decoding.py --checkpoint {args.checkpoint}` "
+        f"({result['machine']}; {len(prompts)} test users, {args.beams} beams, median of {args.repeats})",
+        "",
+        "| decoder | free (s) | constrained (s) | constrained / free |",
+        "|---|---|---|---|",
+    ]
     for b in ("hf", "sid_beam"):
-        md.append(f"| {b} | {med[f'{b}/free']:.2f} | {med[f'{b}/constrained']:.2f} | "
-                  f"{result['ratio_constrained_over_free'][b]:.3f} |")
+        md.append(
+            f"| {b} | {med[f'{b}/free']:.2f} | {med[f'{b}/constrained']:.2f} | "
+            f"{result['ratio_constrained_over_free'][b]:.3f} |"
+        )
     p = result["processor_1M_items"]
-    md += ["", f"sid_beam_search vs transformers generate (both constrained): "
-           f"{result['speedup_sid_beam_over_hf_generate']}x faster.", "",
-           f"SidLogitsProcessor on a 1M-item synthetic catalogue ({p['rows']} rows): trie build {p['trie_build_s']} s, "
-           f"mask per step {p['step0_ms']} / {p['step1_ms']} / {p['step2_ms']} ms (levels 1/2/3)."]
+    md += [
+        "",
+        f"sid_beam_search vs transformers generate (both constrained): "
+        f"{result['speedup_sid_beam_over_hf_generate']}x faster.",
+        "",
+        f"SidLogitsProcessor on a 1M-item synthetic catalogue ({p['rows']} rows): trie build {p['trie_build_s']} s, "
+        f"mask per step {p['step0_ms']} / {p['step1_ms']} / {p['step2_ms']} ms (levels 1/2/3).",
+    ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out + ".json", result)
     atomic_write_text(args.out + ".md", "\n".join(md) + "\n")

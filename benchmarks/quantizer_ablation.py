@@ -209,7 +209,7 @@ def per_user_stage(args: AblationArgs, q: str) -> Path:
 
     from data_prep.dataset import RecDataset
     from eval.generate import SidRanker, evaluate_examples
-    from sid_tokenizer.llm import load_checkpoint
+    from sid_tokenizer.catalog import load_checkpoint
 
     torch.manual_seed(0)  # as eval.evaluate (seed 0)
     ckpt = Path(args.output_root) / q / "final"
@@ -474,10 +474,10 @@ def collect(args: AblationArgs) -> dict[str, Any]:
         }
         if q == "random":
             from data_prep.embed import DEFAULT_ENCODER, embeddings_path, load_embeddings
-            from sid_tokenizer.build import load_sid_index
+            from sid_tokenizer.catalog import load_sid_dir
 
             emb = load_embeddings(embeddings_path(args.dataset_dir, DEFAULT_ENCODER))
-            row["reconstruction_relative"] = random_assignment_error(emb, load_sid_index(sid).codes)
+            row["reconstruction_relative"] = random_assignment_error(emb, load_sid_dir(sid).codes)
             row["reconstruction_note"] = "codewords = mean residual of the randomly assigned items"
         times = read_json(_times_path(args, q)) if _times_path(args, q).exists() else {}
         row["train_seconds"] = times.get("train", {}).get("seconds")
@@ -536,8 +536,9 @@ def paired_rows(args: AblationArgs) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}: {split} users differ from {base_path}")
             for m in ("NDCG@10", "HR@10"):
                 diff = cur[f"{split}/{m}"] - base[f"{split}/{m}"]
-                row = paired_difference(diff, n_boot=1000, seed=0, model=q, baseline=args.paired_base,
-                                        split=split, metric=m)
+                row = paired_difference(
+                    diff, n_boot=1000, seed=0, model=q, baseline=args.paired_base, split=split, metric=m
+                )
                 out.append({**row, "model_mean": float(cur[f"{split}/{m}"].mean())})
     return out
 

@@ -4,7 +4,7 @@
     python benchmarks/server_load.py --base_url http://127.0.0.1:8000/v1 --checkpoint CKPT  # a running server
 
 Starts ``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1 with the SID processor and
-the prompt guard (``eval.client.start_server``; ``--max_num_seqs`` stays modest, so the server
+the prompt guard (``recipes.server.start_server``; ``--max_num_seqs`` stays modest, so the server
 queues most of the burst), then fires every request at once (asyncio tasks released together on
 one ``httpx.AsyncClient`` with a connection per request) and waits at most ``--timeout`` seconds;
 ``--bursts`` such bursts one after another.
@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
-from eval.client import CatalogueView, ServerConfig, free_port, sid_xargs, start_server  # noqa: E402
+from recipes.client import CatalogueView, sid_xargs  # noqa: E402
+from recipes.server import ServerConfig, free_port, start_server  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "outputs" / "demo" / "sft" / "final"
 
@@ -76,7 +77,7 @@ def make_requests(view: CatalogueView, n: int, seed: int = 0) -> list[dict[str, 
         if sampling:
             body["seed"] = i
         if kind == "completion":
-            from sid_tokenizer.llm import REC_TOKEN
+            from sid_tokenizer.prompts import REC_TOKEN
 
             path = "/completions"
             body["prompt"] = REC_TOKEN + "".join(cat.index.sid(j) for j in history)
@@ -112,7 +113,9 @@ def check_answer(view: CatalogueView, spec: dict, payload: dict) -> list[str]:
         if "".join(r.sid for r in recs) != text.strip():
             problems.append(f"text is not only SIDs: {text!r}")
         if len(recs) != spec["count"] or len({r.sid for r in recs}) != spec["count"]:
-            problems.append(f"{len(recs)} SIDs ({len({r.sid for r in recs})} distinct), asked for {spec['count']}")
+            problems.append(
+                f"{len(recs)} SIDs ({len({r.sid for r in recs})} distinct), asked for {spec['count']}"
+            )
         if c.get("finish_reason") != "stop":
             problems.append(f"finish_reason {c.get('finish_reason')!r}")
         for r in recs:
@@ -175,7 +178,9 @@ def percentile(values: list[float], q: float) -> float | None:
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
-def run_load(base_url: str, checkpoint: str | Path, n: int = 200, timeout: float = 600, seed: int = 0) -> dict:
+def run_load(
+    base_url: str, checkpoint: str | Path, n: int = 200, timeout: float = 600, seed: int = 0
+) -> dict:
     """Fire ``n`` requests at once at a running server; latencies, validity and errors."""
     import httpx
 
@@ -186,8 +191,14 @@ def run_load(base_url: str, checkpoint: str | Path, n: int = 200, timeout: float
     invalid, errors = [], []
     for i, (spec, res) in enumerate(zip(specs, results, strict=True)):
         if res["status"] != 200:
-            errors.append({"request": i, "kind": spec["kind"], "status": res["status"],
-                           "error": res.get("error") or json.dumps(res.get("payload"))[:300]})
+            errors.append(
+                {
+                    "request": i,
+                    "kind": spec["kind"],
+                    "status": res["status"],
+                    "error": res.get("error") or json.dumps(res.get("payload"))[:300],
+                }
+            )
             continue
         problems = check_answer(view, spec, res["payload"])
         if problems:
@@ -320,7 +331,9 @@ def write_report(result: dict, out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default=None, help=f"sidrec checkpoint (default {DEFAULT_CHECKPOINT} if present)")
+    p.add_argument(
+        "--checkpoint", default=None, help=f"sidrec checkpoint (default {DEFAULT_CHECKPOINT} if present)"
+    )
     p.add_argument("--requests", type=int, default=200, help="requests per burst, all sent at once")
     p.add_argument("--bursts", type=int, default=3, help="bursts one after another (seeds seed, seed+1, ...)")
     p.add_argument("--timeout", type=float, default=600, help="client timeout for one burst (s)")
@@ -345,8 +358,11 @@ def main() -> None:
         for i in range(a.bursts):
             bursts.append(run_load(base_url, ckpt, a.requests, a.timeout, a.seed + i))
             r = bursts[-1]
-            print(f"burst {i + 1}: {r['answered_200']}/{r['requests']} OK, {r['invalid']} invalid, "
-                  f"{r['errors']} errors, {r['wall_s']:.2f} s, latency {r['latency_s']}", flush=True)
+            print(
+                f"burst {i + 1}: {r['answered_200']}/{r['requests']} OK, {r['invalid']} invalid, "
+                f"{r['errors']} errors, {r['wall_s']:.2f} s, latency {r['latency_s']}",
+                flush=True,
+            )
         return {"bursts": bursts, "alive_after": alive(), "health_after": health(base_url)}
 
     if a.base_url:
@@ -373,7 +389,14 @@ def main() -> None:
         **measured,
     }
     write_report(result, Path(a.out))
-    print("alive:", result["alive_after"], "health:", result["health_after"], "->", Path(a.out).with_suffix(".md"))
+    print(
+        "alive:",
+        result["alive_after"],
+        "health:",
+        result["health_after"],
+        "->",
+        Path(a.out).with_suffix(".md"),
+    )
 
 
 if __name__ == "__main__":

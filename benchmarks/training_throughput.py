@@ -2,10 +2,10 @@
 
     python benchmarks/training_throughput.py [--config recipes/configs/sft_scientific.yaml] [--repeats 2]
 
-Each variant builds the base checkpoint with ``sid_tokenizer.llm.prepare_base_checkpoint``
+Each variant builds the base checkpoint with ``recipes.model.prepare_base_checkpoint``
 (default Qwen2 decoder of a preset + SID tokens), loads it with ``from_pretrained`` and trains
 with ``SidSFTTrainer`` (TRL SFTTrainer, the recipe's collator and AdamW) on rows from
-``data_prep.tasks``, batch size / lr / max_length from the recipe YAML. Compared:
+``recipes.tasks``, batch size / lr / max_length from the recipe YAML. Compared:
 
 - presets ``tiny`` / ``small`` / ``base`` (seq2seq task, full fine-tuning, 1 torch thread: on 2
   cores shared with other jobs, 2 intra-op threads get descheduled and wait on each other);
@@ -53,7 +53,8 @@ sys.path.insert(0, str(ROOT))
 
 from data_prep.dataset import RecDataset  # noqa: E402
 from data_prep.io import atomic_write_json, atomic_write_text  # noqa: E402
-from data_prep.tasks import build_mixture, seq2seq_prompt, tokenize_rows, training_sequences  # noqa: E402
+from recipes.tasks import build_mixture, tokenize_rows, training_sequences  # noqa: E402
+from sid_tokenizer.prompts import seq2seq_prompt  # noqa: E402
 from sid_tokenizer.sid import SidIndex  # noqa: E402
 
 logger = logging.getLogger("training_throughput")
@@ -62,28 +63,37 @@ logger = logging.getLogger("training_throughput")
 # ---------------------------------------------------------------------------------------------
 # rows and token accounting (reusable, unit-tested in tests/test_training_throughput.py)
 
-def sliding_window_rows(dataset: RecDataset, index: SidIndex, max_history: int = 20,
-                        include_valid: bool = False) -> list[dict]:
+
+def sliding_window_rows(
+    dataset: RecDataset, index: SidIndex, max_history: int = 20, include_valid: bool = False
+) -> list[dict]:
     """The sliding-window expansion of the ``seq2seq`` task: one raw row per supervised target
     ``seq[t]`` (t >= 1) of every training sequence, prompt = ``<|rec|>`` + SIDs of the last
     ``max_history`` items before it, completion = the target's SID (the same format as
-    ``data_prep.tasks.eval_rows``). Supervises exactly the targets of ``build_seq2seq``."""
+    ``recipes.tasks.eval_rows``). Supervises exactly the targets of ``build_seq2seq``."""
     rows = []
     for seq in training_sequences(dataset, include_valid):
         for t in range(1, len(seq)):
-            rows.append({"task": "seq2seq_sliding", "messages": [],
-                         "prompt": seq2seq_prompt(index, seq[:t], max_history),
-                         "completion": index.sid(seq[t])})
+            rows.append(
+                {
+                    "task": "seq2seq_sliding",
+                    "messages": [],
+                    "prompt": seq2seq_prompt(index, seq[:t], max_history),
+                    "completion": index.sid(seq[t]),
+                }
+            )
     return rows
 
 
 def token_counts(columns: dict[str, list]) -> dict[str, int]:
     """Rows, (non-padding) tokens and target (loss) tokens of tokenised columns
-    (``input_ids``/``labels`` as returned by ``data_prep.tasks.tokenize_rows``)."""
-    return {"rows": len(columns["input_ids"]),
-            "tokens": sum(len(x) for x in columns["input_ids"]),
-            "target_tokens": sum(sum(1 for v in lab if v != -100) for lab in columns["labels"]),
-            "max_len": max((len(x) for x in columns["input_ids"]), default=0)}
+    (``input_ids``/``labels`` as returned by ``recipes.tasks.tokenize_rows``)."""
+    return {
+        "rows": len(columns["input_ids"]),
+        "tokens": sum(len(x) for x in columns["input_ids"]),
+        "target_tokens": sum(sum(1 for v in lab if v != -100) for lab in columns["labels"]),
+        "max_len": max((len(x) for x in columns["input_ids"]), default=0),
+    }
 
 
 def seq2seq_tokens_closed_form(seq_lengths: list[int], sid_len: int, max_history: int) -> tuple[int, int]:
@@ -106,18 +116,23 @@ def seq2seq_tokens_closed_form(seq_lengths: list[int], sid_len: int, max_history
 # ---------------------------------------------------------------------------------------------
 # batches of a real epoch
 
+
 def epoch_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
     """The row indices of every batch of one epoch in the trainer's ``group_by_length`` order."""
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
     order = get_length_grouped_indices(lengths, batch_size, generator=torch.Generator().manual_seed(seed))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def batch_stats(columns: dict[str, list], batch: list[int]) -> dict[str, int]:
     lens = [len(columns["input_ids"][i]) for i in batch]
-    return {"examples": len(batch), "tokens": sum(lens), "padded_tokens": len(batch) * max(lens),
-            "target_tokens": sum(sum(1 for v in columns["labels"][i] if v != -100) for i in batch)}
+    return {
+        "examples": len(batch),
+        "tokens": sum(lens),
+        "padded_tokens": len(batch) * max(lens),
+        "target_tokens": sum(sum(1 for v in columns["labels"][i] if v != -100) for i in batch),
+    }
 
 
 @dataclass
@@ -132,12 +147,18 @@ class Variant:
 
 PEFT = {
     # README's recipe for a real LLM: adapters on q/v + fully trained embed_tokens/lm_head (SID rows)
-    "lora_qv_save_emb": dict(lora_r=16, lora_alpha=32, lora_target_modules=["q_proj", "v_proj"],
-                             lora_modules_to_save=["embed_tokens", "lm_head"]),
+    "lora_qv_save_emb": dict(
+        lora_r=16,
+        lora_alpha=32,
+        lora_target_modules=["q_proj", "v_proj"],
+        lora_modules_to_save=["embed_tokens", "lm_head"],
+    ),
     # adapters only (every linear layer), embeddings frozen: cannot learn the new SID rows
-    "lora_all": dict(lora_r=16, lora_alpha=32,
-                     lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                          "down_proj"]),
+    "lora_all": dict(
+        lora_r=16,
+        lora_alpha=32,
+        lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ),
 }
 
 
@@ -163,31 +184,63 @@ class StepClock:
         self.callback = _CB()
 
 
-def run_variant(v: Variant, base_dir: Path, columns: dict[str, list], batches: list[list[int]], warmup: int,
-                recipe: dict, seed: int, workdir: Path) -> dict:
+def run_variant(
+    v: Variant,
+    base_dir: Path,
+    columns: dict[str, list],
+    batches: list[list[int]],
+    warmup: int,
+    recipe: dict,
+    seed: int,
+    workdir: Path,
+) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import ModelConfig, SFTConfig, get_peft_config
 
-    from eval.training import SidSFTTrainer
+    from recipes.sft_trainer import SidSFTTrainer
 
     torch.set_num_threads(v.threads)
     order = [i for b in batches for i in b]
-    ds = Dataset.from_dict({"input_ids": [columns["input_ids"][i] for i in order],
-                            "labels": [columns["labels"][i] for i in order]})
+    ds = Dataset.from_dict(
+        {
+            "input_ids": [columns["input_ids"][i] for i in order],
+            "labels": [columns["labels"][i] for i in order],
+        }
+    )
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
     args = SFTConfig(
-        output_dir=str(workdir / "trainer"), max_steps=len(batches), per_device_train_batch_size=recipe["batch_size"],
-        learning_rate=recipe["learning_rate"], lr_scheduler_type=recipe["lr_scheduler_type"],
-        warmup_steps=recipe["warmup_steps"], weight_decay=recipe["weight_decay"], max_length=recipe["max_length"],
-        train_sampling_strategy="sequential", eval_strategy="no", save_strategy="no", logging_strategy="no",
-        report_to="none", seed=seed, dataloader_num_workers=0, bf16=False, disable_tqdm=True,
-        gradient_checkpointing=False)
+        output_dir=str(workdir / "trainer"),
+        max_steps=len(batches),
+        per_device_train_batch_size=recipe["batch_size"],
+        learning_rate=recipe["learning_rate"],
+        lr_scheduler_type=recipe["lr_scheduler_type"],
+        warmup_steps=recipe["warmup_steps"],
+        weight_decay=recipe["weight_decay"],
+        max_length=recipe["max_length"],
+        train_sampling_strategy="sequential",
+        eval_strategy="no",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        seed=seed,
+        dataloader_num_workers=0,
+        bf16=False,
+        disable_tqdm=True,
+        gradient_checkpointing=False,
+    )
     peft_config = get_peft_config(ModelConfig(use_peft=True, **PEFT[v.peft])) if v.peft != "none" else None
     clock = StepClock()
-    trainer = SidSFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer,
-                            peft_config=peft_config, callbacks=[clock.callback], rank_eval=None)
+    trainer = SidSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[clock.callback],
+        rank_eval=None,
+    )
     # the collated batches the trainer actually trained on (shape check against our accounting)
     seen: list[tuple[int, int]] = []
     collate = trainer.data_collator
@@ -216,10 +269,20 @@ def run_variant(v: Variant, base_dir: Path, columns: dict[str, list], batches: l
     secs = sum(meas)
     cpu_meas = [b - a for a, b in zip(clock.cpu, clock.cpu[1:], strict=False)][warmup:]
     cpu = sum(cpu_meas)
-    res = {"variant": v.name, "threads": threads, "measured_steps": len(meas), "warmup_steps": warmup,
-           "seconds": secs, "cpu_seconds": cpu, "loadavg_1min_before": round(load, 2),
-           "step_s": [round(x, 4) for x in meas], "step_cpu_s": [round(x, 4) for x in cpu_meas],
-           "total_train_s": round(total, 2), "params": n_params, "trainable_params": n_train}
+    res = {
+        "variant": v.name,
+        "threads": threads,
+        "measured_steps": len(meas),
+        "warmup_steps": warmup,
+        "seconds": secs,
+        "cpu_seconds": cpu,
+        "loadavg_1min_before": round(load, 2),
+        "step_s": [round(x, 4) for x in meas],
+        "step_cpu_s": [round(x, 4) for x in cpu_meas],
+        "total_train_s": round(total, 2),
+        "params": n_params,
+        "trainable_params": n_train,
+    }
     for k in ("examples", "tokens", "padded_tokens", "target_tokens"):
         res[k] = sum(s[k] for s in stats)
     res["tokens_per_s"] = res["tokens"] / secs
@@ -237,13 +300,19 @@ def load_recipe(path: Path) -> dict:
     import yaml
 
     cfg = yaml.safe_load(path.read_text())
-    return {"batch_size": int(cfg.get("per_device_train_batch_size", 8)),
-            "learning_rate": float(cfg.get("learning_rate", 2e-5)),
-            "lr_scheduler_type": cfg.get("lr_scheduler_type", "linear"),
-            "warmup_steps": int(cfg.get("warmup_steps", 0)), "weight_decay": float(cfg.get("weight_decay", 0.0)),
-            "max_length": int(cfg.get("max_length") or 512), "max_history": int(cfg.get("max_history", 20)),
-            "tasks": cfg.get("tasks", {"seq2seq": 1.0}), "dataset_dir": cfg["dataset_dir"], "sid_dir": cfg["sid_dir"],
-            "sampling": cfg.get("train_sampling_strategy", "random")}
+    return {
+        "batch_size": int(cfg.get("per_device_train_batch_size", 8)),
+        "learning_rate": float(cfg.get("learning_rate", 2e-5)),
+        "lr_scheduler_type": cfg.get("lr_scheduler_type", "linear"),
+        "warmup_steps": int(cfg.get("warmup_steps", 0)),
+        "weight_decay": float(cfg.get("weight_decay", 0.0)),
+        "max_length": int(cfg.get("max_length") or 512),
+        "max_history": int(cfg.get("max_history", 20)),
+        "tasks": cfg.get("tasks", {"seq2seq": 1.0}),
+        "dataset_dir": cfg["dataset_dir"],
+        "sid_dir": cfg["sid_dir"],
+        "sampling": cfg.get("train_sampling_strategy", "random"),
+    }
 
 
 def summarise(results: list[dict], variants: list[Variant], reference: str) -> list[dict]:
@@ -257,19 +326,33 @@ def summarise(results: list[dict], variants: list[Variant], reference: str) -> l
         rs = [r for r in results if r["variant"] == v.name]
         if not rs:
             continue
-        row = {"variant": v.name, "preset": v.preset, "data": v.data, "peft": v.peft, "threads": rs[0]["threads"],
-               "repeats": len(rs), "measured_steps": sum(r["measured_steps"] for r in rs),
-               "params": rs[0]["params"], "trainable_params": rs[0]["trainable_params"]}
+        row = {
+            "variant": v.name,
+            "preset": v.preset,
+            "data": v.data,
+            "peft": v.peft,
+            "threads": rs[0]["threads"],
+            "repeats": len(rs),
+            "measured_steps": sum(r["measured_steps"] for r in rs),
+            "params": rs[0]["params"],
+            "trainable_params": rs[0]["trainable_params"],
+        }
         for k in ("tokens_per_s", "target_tokens_per_s", "examples_per_s", "mean_step_s", "tokens_per_cpu_s"):
             vals = [r[k] for r in rs]
             row[k] = statistics.median(vals)
             row[k + "_range"] = [min(vals), max(vals)]
         row["cpu_per_wall"] = statistics.median(r["cpu_seconds"] / r["seconds"] for r in rs)
-        row["loadavg_range"] = [min(r["loadavg_1min_before"] for r in rs), max(r["loadavg_1min_before"] for r in rs)]
+        row["loadavg_range"] = [
+            min(r["loadavg_1min_before"] for r in rs),
+            max(r["loadavg_1min_before"] for r in rs),
+        ]
         row["padding_fraction"] = 1 - sum(r["tokens"] for r in rs) / sum(r["padded_tokens"] for r in rs)
         for k in ("tokens_per_s", "tokens_per_cpu_s"):
-            ratios = [by_rep[r["repeat"]][v.name][k] / by_rep[r["repeat"]][reference][k]
-                      for r in rs if reference in by_rep[r["repeat"]]]
+            ratios = [
+                by_rep[r["repeat"]][v.name][k] / by_rep[r["repeat"]][reference][k]
+                for r in rs
+                if reference in by_rep[r["repeat"]]
+            ]
             row[k + "_vs_ref"] = statistics.median(ratios) if ratios else None
         out.append(row)
     return out
@@ -309,13 +392,17 @@ def write_markdown(path: Path, payload: dict) -> None:
     ]
     for r in s:
         tr = r["tokens_per_s_range"]
-        vs = " / ".join("-" if r[k] is None else f"{r[k]:.2f}x" for k in ("tokens_per_s_vs_ref", "tokens_per_cpu_s_vs_ref"))
+        vs = " / ".join(
+            "-" if r[k] is None else f"{r[k]:.2f}x"
+            for k in ("tokens_per_s_vs_ref", "tokens_per_cpu_s_vs_ref")
+        )
         lines.append(
             f"| {r['variant']} | {r['threads']} | {r['params'] / 1e6:.2f}M ({r['trainable_params'] / 1e6:.2f}M) "
             f"| {r['measured_steps']} | {fmt(r['tokens_per_s'])} [{fmt(tr[0])}-{fmt(tr[1])}] "
             f"| {fmt(r['target_tokens_per_s'])} | {fmt(r['examples_per_s'], 1)} | {r['mean_step_s']:.3f} "
             f"| {100 * r['padding_fraction']:.0f}% | {r['cpu_per_wall']:.2f} | {fmt(r['tokens_per_cpu_s'])} "
-            f"| {vs} |")
+            f"| {vs} |"
+        )
     lines += [
         "",
         "## seq2seq (one causal pass per sequence) vs sliding windows, same supervised targets",
@@ -331,19 +418,28 @@ def write_markdown(path: Path, payload: dict) -> None:
     ]
     for f in ("seq2seq", "sliding"):
         e = ep[f]
-        lines.append(f"| {f} | {e['rows']:,} | {e['tokens']:,} | {e['target_tokens']:,} "
-                     f"| {e['tokens'] / e['target_tokens']:.2f} | {e['steps']:,} "
-                     + "".join(f"| {e.get(f'epoch_s_{p}', float('nan')):.0f} s / "
-                               f"{e.get(f'epoch_cpu_s_{p}', float('nan')):.0f} s " for p in ("tiny", "small")) + "|")
+        lines.append(
+            f"| {f} | {e['rows']:,} | {e['tokens']:,} | {e['target_tokens']:,} "
+            f"| {e['tokens'] / e['target_tokens']:.2f} | {e['steps']:,} "
+            + "".join(
+                f"| {e.get(f'epoch_s_{p}', float('nan')):.0f} s / "
+                f"{e.get(f'epoch_cpu_s_{p}', float('nan')):.0f} s "
+                for p in ("tiny", "small")
+            )
+            + "|"
+        )
     lines += [
         "",
         f"Sliding windows need **{ep['token_ratio']:.2f}x the tokens** and {ep['row_ratio']:.2f}x the rows of the "
         f"one-pass format for the same targets; estimated time per epoch (tokens/epoch / measured tokens/s) "
-        + ", ".join(f"**{ep['time_ratio_' + p]:.2f}x** on {p} (CPU time: {ep['time_ratio_cpu_' + p]:.2f}x, "
-                    f"range over repeats {ep['time_ratio_cpu_' + p + '_range'][0]:.2f}-"
-                    f"{ep['time_ratio_cpu_' + p + '_range'][1]:.2f}x; steps/epoch x mean s/step gives "
-                    f"{ep['time_ratio_cpu_' + p + '_by_steps']:.2f}x)"
-                    for p in ("tiny", "small") if f"time_ratio_{p}" in ep)
+        + ", ".join(
+            f"**{ep['time_ratio_' + p]:.2f}x** on {p} (CPU time: {ep['time_ratio_cpu_' + p]:.2f}x, "
+            f"range over repeats {ep['time_ratio_cpu_' + p + '_range'][0]:.2f}-"
+            f"{ep['time_ratio_cpu_' + p + '_range'][1]:.2f}x; steps/epoch x mean s/step gives "
+            f"{ep['time_ratio_cpu_' + p + '_by_steps']:.2f}x)"
+            for p in ("tiny", "small")
+            if f"time_ratio_{p}" in ep
+        )
         + " (median paired over repeats). Sequences here are short (mean "
         f"{ep['mean_seq_len']:.1f} items). Per sequence of L items, sliding windows cost O(L * min(L, H)) "
         "tokens (O(L^2) up to the history cap H) against O(L) for one pass, so the gap widens with "
@@ -409,11 +505,18 @@ def plot(path: Path, payload: dict) -> None:
     names = [r["variant"] for r in s]
     y = list(range(len(s)))
     vals = [r["tokens_per_s"] for r in s]
-    err = [[r["tokens_per_s"] - r["tokens_per_s_range"][0] for r in s],
-           [r["tokens_per_s_range"][1] - r["tokens_per_s"] for r in s]]
+    err = [
+        [r["tokens_per_s"] - r["tokens_per_s_range"][0] for r in s],
+        [r["tokens_per_s_range"][1] - r["tokens_per_s"] for r in s],
+    ]
     axes[0].barh([i - 0.2 for i in y], vals, height=0.4, xerr=err, color="tab:blue", label="per wall second")
-    axes[0].barh([i + 0.2 for i in y], [r["tokens_per_cpu_s"] for r in s], height=0.4, color="tab:gray",
-                 label="per process CPU second")
+    axes[0].barh(
+        [i + 0.2 for i in y],
+        [r["tokens_per_cpu_s"] for r in s],
+        height=0.4,
+        color="tab:gray",
+        label="per process CPU second",
+    )
     axes[0].set_yticks(y, names)
     axes[0].invert_yaxis()
     axes[0].set_xlim(0, 1.5 * max(max(r["tokens_per_cpu_s"], r["tokens_per_s_range"][1]) for r in s))
@@ -441,16 +544,24 @@ def plot(path: Path, payload: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="recipes/configs/sft_scientific.yaml", help="SFT recipe YAML (batching, lr)")
+    ap.add_argument(
+        "--config", default="recipes/configs/sft_scientific.yaml", help="SFT recipe YAML (batching, lr)"
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=float, default=1.0, help="multiplier on each variant's measured steps")
     ap.add_argument("--skip", nargs="*", default=[], help="variant names to leave out (e.g. base)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--budget_s", type=float, default=540,
-                    help="start another repeat only if it is expected to end within this wall time")
+    ap.add_argument(
+        "--budget_s",
+        type=float,
+        default=540,
+        help="start another repeat only if it is expected to end within this wall time",
+    )
     ap.add_argument("--out", default="docs/results/training_throughput")
-    ap.add_argument("--rerender", action="store_true", help="only rewrite the .md/.png from the existing .json")
+    ap.add_argument(
+        "--rerender", action="store_true", help="only rewrite the .md/.png from the existing .json"
+    )
     args = ap.parse_args()
     out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
     if args.rerender:
@@ -471,8 +582,8 @@ def main() -> None:
     t_start = time.perf_counter()
     recipe_path = Path(args.config)
     recipe = load_recipe(recipe_path if recipe_path.is_absolute() else ROOT / recipe_path)
-    from eval.training import load_sid_dir
-    from sid_tokenizer.llm import prepare_base_checkpoint
+    from recipes.model import prepare_base_checkpoint
+    from sid_tokenizer.catalog import load_sid_dir
 
     dataset = RecDataset.load(ROOT / recipe["dataset_dir"])
     index = load_sid_dir(ROOT / recipe["sid_dir"], dataset)
@@ -500,15 +611,24 @@ def main() -> None:
 
     for preset in dict.fromkeys(v.preset for v in variants):
         t = time.perf_counter()
-        bases[preset] = prepare_base_checkpoint(tmp / preset / "base", dataset, index, "default", preset=preset,
-                                                seed=42, sid_dir=recipe["sid_dir"], dataset_dir=recipe["dataset_dir"])
+        bases[preset] = prepare_base_checkpoint(
+            tmp / preset / "base",
+            dataset,
+            index,
+            "default",
+            preset=preset,
+            seed=42,
+            sid_dir=recipe["sid_dir"],
+            dataset_dir=recipe["dataset_dir"],
+        )
         tokenizers[preset] = AutoTokenizer.from_pretrained(bases[preset])
         logger.info("base checkpoint %s in %.1fs", preset, time.perf_counter() - t)
 
     # rows -> tokenised columns, per (preset, data); seq2seq/sliding rows are SID tokens only
     rows_by_data = {
-        "seq2seq": build_mixture(dataset, index, {"seq2seq": 1.0}, tokenizers["tiny"], seed=args.seed,
-                                 max_history=H),
+        "seq2seq": build_mixture(
+            dataset, index, {"seq2seq": 1.0}, tokenizers["tiny"], seed=args.seed, max_history=H
+        ),
         "sliding": sliding_window_rows(dataset, index, H),
     }
     columns: dict[tuple[str, str], dict] = {}
@@ -517,7 +637,9 @@ def main() -> None:
         if key in columns:
             continue
         if v.data == "mixture":
-            rows = build_mixture(dataset, index, recipe["tasks"], tokenizers[v.preset], seed=args.seed, max_history=H)
+            rows = build_mixture(
+                dataset, index, recipe["tasks"], tokenizers[v.preset], seed=args.seed, max_history=H
+            )
         else:
             rows = rows_by_data[v.data]
         columns[key] = tokenize_rows(rows, tokenizers[v.preset], max_len)
@@ -531,7 +653,9 @@ def main() -> None:
 
     # one epoch's batches per (preset, data); each run gets fresh random batches of it
     rng = random.Random(args.seed)
-    epoch = {key: epoch_batches([len(x) for x in c["input_ids"]], bs, args.seed) for key, c in columns.items()}
+    epoch = {
+        key: epoch_batches([len(x) for x in c["input_ids"]], bs, args.seed) for key, c in columns.items()
+    }
     results = []
     picked: dict = {}  # (preset, data), repeat -> batches shared by the variants of that key
     t_loop = time.perf_counter()
@@ -548,21 +672,36 @@ def main() -> None:
                 full = [i for i, b in enumerate(epoch[key]) if len(b) == bs]
                 n = args.warmup + max(u.steps for u in variants if (u.preset, u.data) == key)
                 picked[(key, rep)] = [epoch[key][i] for i in rng.sample(full, n)]
-            batches = picked[(key, rep)][:args.warmup + v.steps]
+            batches = picked[(key, rep)][: args.warmup + v.steps]
             t = time.perf_counter()
-            r = run_variant(v, bases[v.preset], columns[key], batches, args.warmup, recipe, args.seed,
-                            tmp / "runs")
+            r = run_variant(
+                v, bases[v.preset], columns[key], batches, args.warmup, recipe, args.seed, tmp / "runs"
+            )
             r["repeat"] = rep
             results.append(r)
-            logger.info("rep %d %-32s %7.0f tok/s %7.0f target tok/s %6.1f ex/s %.3f s/step (%d threads) [%.0fs]",
-                        rep, v.name, r["tokens_per_s"], r["target_tokens_per_s"], r["examples_per_s"],
-                        r["mean_step_s"], r["threads"], time.perf_counter() - t)
+            logger.info(
+                "rep %d %-32s %7.0f tok/s %7.0f target tok/s %6.1f ex/s %.3f s/step (%d threads) [%.0fs]",
+                rep,
+                v.name,
+                r["tokens_per_s"],
+                r["target_tokens_per_s"],
+                r["examples_per_s"],
+                r["mean_step_s"],
+                r["threads"],
+                time.perf_counter() - t,
+            )
 
     summary = summarise(results, variants, reference)
     seqs = [s for s in training_sequences(dataset, False)]
     sid_len = len(index.vocab.level_sizes)
-    ep = {"sequences": len(seqs), "mean_seq_len": sum(map(len, seqs)) / len(seqs), "max_seq_len": max(map(len, seqs)),
-          "sid_len": sid_len, "max_history": H, "batch_size": bs}
+    ep = {
+        "sequences": len(seqs),
+        "mean_seq_len": sum(map(len, seqs)) / len(seqs),
+        "max_seq_len": max(map(len, seqs)),
+        "sid_len": sid_len,
+        "max_history": H,
+        "batch_size": bs,
+    }
     for f, c in (("seq2seq", s2s), ("sliding", sw)):
         ep[f] = dict(c, steps=math.ceil(c["rows"] / bs))
     ep["token_ratio"] = sw["tokens"] / s2s["tokens"]
@@ -575,17 +714,27 @@ def main() -> None:
             continue
         # epoch time = tokens per epoch / measured tokens per second (token-weighted: the sampled batches'
         # lengths vary ~10x, so this is steadier than steps per epoch x mean s/step, kept as *_by_steps)
-        for kind, col, step_col in (("", "tokens_per_s", "mean_step_s"), ("cpu_", "tokens_per_cpu_s", "mean_step_cpu_s")):
-            ratios = [(ep["sliding"]["tokens"] / by[(b, k)][col]) / (ep["seq2seq"]["tokens"] / by[(a, k)][col])
-                      for k in reps]
+        for kind, col, step_col in (
+            ("", "tokens_per_s", "mean_step_s"),
+            ("cpu_", "tokens_per_cpu_s", "mean_step_cpu_s"),
+        ):
+            ratios = [
+                (ep["sliding"]["tokens"] / by[(b, k)][col]) / (ep["seq2seq"]["tokens"] / by[(a, k)][col])
+                for k in reps
+            ]
             ep[f"time_ratio_{kind}{p}"] = statistics.median(ratios)
             ep[f"time_ratio_{kind}{p}_range"] = [min(ratios), max(ratios)]
-            by_steps = [(ep["sliding"]["steps"] * by[(b, k)][step_col]) / (ep["seq2seq"]["steps"] * by[(a, k)][step_col])
-                        for k in reps]
+            by_steps = [
+                (ep["sliding"]["steps"] * by[(b, k)][step_col])
+                / (ep["seq2seq"]["steps"] * by[(a, k)][step_col])
+                for k in reps
+            ]
             ep[f"time_ratio_{kind}{p}_by_steps"] = statistics.median(by_steps)
             ep[f"time_ratio_{kind}{p}_by_steps_range"] = [min(by_steps), max(by_steps)]
             for f, name in (("seq2seq", a), ("sliding", b)):
-                ep[f][f"epoch_{kind}s_{p}"] = ep[f]["tokens"] / statistics.median(by[(name, k)][col] for k in reps)
+                ep[f][f"epoch_{kind}s_{p}"] = ep[f]["tokens"] / statistics.median(
+                    by[(name, k)][col] for k in reps
+                )
     ep["closed_form"] = []
     for L in (2, 5, 10, 20, 40, 100):
         one, sl = seq2seq_tokens_closed_form([L], sid_len, H)
@@ -595,11 +744,19 @@ def main() -> None:
         "command": "python benchmarks/training_throughput.py " + " ".join(sys.argv[1:]),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "hardware": f"2 CPU cores shared with other jobs ({platform.processor() or platform.machine()}), no GPU",
-        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-        "peft": peft.__version__, "python": platform.python_version(),
-        "recipe_path": str(args.config), "recipe": {k: v for k, v in recipe.items() if k != "tasks"},
-        "warmup": args.warmup, "repeats": len({r["repeat"] for r in results}), "reference": reference,
-        "summary": summary, "epoch": ep, "runs": results,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+        "recipe_path": str(args.config),
+        "recipe": {k: v for k, v in recipe.items() if k != "tasks"},
+        "warmup": args.warmup,
+        "repeats": len({r["repeat"] for r in results}),
+        "reference": reference,
+        "summary": summary,
+        "epoch": ep,
+        "runs": results,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     mix = [k for k in columns if k[1] == "mixture"]
@@ -607,12 +764,25 @@ def main() -> None:
         c = counts[mix[0]]
         name = next(v.name for v in variants if v.data == "mixture")
         steps = math.ceil(c["rows"] / bs)
-        med = c["tokens"] / steps / statistics.median(r["tokens_per_s"] for r in results if r["variant"] == name)
-        med_cpu = c["tokens"] / steps / statistics.median(r["tokens_per_cpu_s"] for r in results
-                                                          if r["variant"] == name)
+        med = (
+            c["tokens"]
+            / steps
+            / statistics.median(r["tokens_per_s"] for r in results if r["variant"] == name)
+        )
+        med_cpu = (
+            c["tokens"]
+            / steps
+            / statistics.median(r["tokens_per_cpu_s"] for r in results if r["variant"] == name)
+        )
         cfg = __import__("yaml").safe_load((ROOT / args.config).read_text())
-        payload["mixture"] = dict(c, steps=steps, epoch_s=steps * med, epoch_cpu_s=steps * med_cpu,
-                                  epochs=cfg.get("num_train_epochs", 1), tasks=recipe["tasks"])
+        payload["mixture"] = dict(
+            c,
+            steps=steps,
+            epoch_s=steps * med,
+            epoch_cpu_s=steps * med_cpu,
+            epochs=cfg.get("num_train_epochs", 1),
+            tasks=recipe["tasks"],
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), payload)
     plot(out.with_suffix(".png"), payload)

@@ -33,12 +33,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(ROOT))
 
 from data_prep.dataset import RecDataset  # noqa: E402
-from data_prep.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
-from data_prep.tasks import seq2seq_prompt  # noqa: E402
+from data_prep.io import atomic_write_json, atomic_write_text  # noqa: E402
 from eval.generate import SidRanker, evaluate_examples  # noqa: E402
 from eval.metrics import metrics_with_ci  # noqa: E402
 from eval.vllm_backend import VllmSidRanker, load_vllm, shutdown_vllm  # noqa: E402
-from sid_tokenizer.llm import load_checkpoint  # noqa: E402
+from sid_tokenizer.catalog import checkpoint_dataset_dir, load_checkpoint  # noqa: E402
+from sid_tokenizer.prompts import seq2seq_prompt  # noqa: E402
 
 METRICS = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "NDCG@20")
 
@@ -115,7 +115,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.hf_threads)
     model, tok, cat = load_checkpoint(ckpt, dtype=torch.float32)
-    ds = RecDataset.load(read_json(Path(ckpt) / "sidrec" / "meta.json")["dataset_dir"])
+    ds = RecDataset.load(checkpoint_dataset_dir(ckpt))
     examples = list(ds.test)
     examples = random.Random(args.seed).sample(examples, min(args.users, len(examples)))
     prompts = [seq2seq_prompt(cat.index, e.history) for e in examples]

@@ -80,24 +80,37 @@ class RecDataset:
         return {it.raw_id: it.item_id for it in self.items}
 
     def counts(self) -> dict[str, int]:
-        return {"users": self.num_users, "items": self.num_items, "interactions": self.num_interactions,
-                "valid_examples": len(self.valid), "test_examples": len(self.test),
-                "train_sequences": len(self.train)}
+        return {
+            "users": self.num_users,
+            "items": self.num_items,
+            "interactions": self.num_interactions,
+            "valid_examples": len(self.valid),
+            "test_examples": len(self.test),
+            "train_sequences": len(self.train),
+        }
 
     def save(self, path: str | Path, extra_meta: dict[str, Any] | None = None) -> Path:
         """Write the dataset directory atomically (all files or none)."""
         path = Path(path)
         meta = dict(self.meta)
         meta.update(extra_meta or {})
-        meta.update(name=self.name, counts=self.counts(),
-                    created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"))
+        meta.update(
+            name=self.name,
+            counts=self.counts(),
+            created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        )
         with atomic_directory(path) as tmp:
             atomic_write_jsonl(tmp / "items.jsonl", (asdict(it) for it in self.items))
-            atomic_write_jsonl(tmp / "sequences.jsonl", (
-                {"user_id": u, "raw_id": self.user_raw_ids[u], "items": s}
-                for u, s in enumerate(self.sequences)))
-            atomic_write_jsonl(tmp / "train.jsonl", ({"user_id": u, "items": s}
-                                                     for u, s in enumerate(self.train)))
+            atomic_write_jsonl(
+                tmp / "sequences.jsonl",
+                (
+                    {"user_id": u, "raw_id": self.user_raw_ids[u], "items": s}
+                    for u, s in enumerate(self.sequences)
+                ),
+            )
+            atomic_write_jsonl(
+                tmp / "train.jsonl", ({"user_id": u, "items": s} for u, s in enumerate(self.train))
+            )
             for split in ("valid", "test"):
                 atomic_write_jsonl(tmp / f"{split}.jsonl", (asdict(e) for e in getattr(self, split)))
             atomic_write_json(tmp / "meta.json", meta)
@@ -108,15 +121,22 @@ class RecDataset:
     def load(cls, path: str | Path) -> RecDataset:
         path = Path(path)
         if not (path / "meta.json").exists():
-            raise DataError(path, "not a sidrec dataset directory (meta.json missing); "
-                            "run `python -m data_prep.prepare --config ...` first")
+            raise DataError(
+                path,
+                "not a sidrec dataset directory (meta.json missing); "
+                "run `python -m data_prep.prepare --config ...` first",
+            )
         meta = read_json(path / "meta.json")
         items = []
         for lineno, row in iter_jsonl(path / "items.jsonl"):
             it = Item(**row)
             if it.item_id != len(items):
-                raise DataError(path / "items.jsonl", f"item_id {it.item_id} out of order, expected "
-                                f"{len(items)}", line=lineno, field="item_id")
+                raise DataError(
+                    path / "items.jsonl",
+                    f"item_id {it.item_id} out of order, expected {len(items)}",
+                    line=lineno,
+                    field="item_id",
+                )
             items.append(it)
         sequences, raw_users = [], []
         for _, row in iter_jsonl(path / "sequences.jsonl"):
@@ -125,8 +145,16 @@ class RecDataset:
         train = [row["items"] for _, row in iter_jsonl(path / "train.jsonl")]
         valid = [Example(**row) for _, row in iter_jsonl(path / "valid.jsonl")]
         test = [Example(**row) for _, row in iter_jsonl(path / "test.jsonl")]
-        return cls(name=meta.get("name", path.name), items=items, sequences=sequences,
-                   user_raw_ids=raw_users, train=train, valid=valid, test=test, meta=meta)
+        return cls(
+            name=meta.get("name", path.name),
+            items=items,
+            sequences=sequences,
+            user_raw_ids=raw_users,
+            train=train,
+            valid=valid,
+            test=test,
+            meta=meta,
+        )
 
 
 def leave_one_out(sequences: list[list[int]]) -> tuple[list[list[int]], list[Example], list[Example]]:

@@ -47,16 +47,26 @@ def encoder_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name.rstrip("/").split("/")[-1])
 
 
-def encode_texts(texts: list[str], model_name_or_path: str = DEFAULT_ENCODER, batch_size: int = 64,
-                 device: str | None = None, normalize: bool = True) -> np.ndarray:
+def encode_texts(
+    texts: list[str],
+    model_name_or_path: str = DEFAULT_ENCODER,
+    batch_size: int = 64,
+    device: str | None = None,
+    normalize: bool = True,
+) -> np.ndarray:
     """Encode texts -> float32 array (len(texts), dim), with a progress bar."""
     if os.environ.get("HF_HUB_OFFLINE") is None and resolve_encoder(model_name_or_path) != model_name_or_path:
         os.environ["HF_HUB_OFFLINE"] = "1"  # bundled weights: never touch the network
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(resolve_encoder(model_name_or_path), device=device)
-    emb = model.encode(texts, batch_size=batch_size, show_progress_bar=True, convert_to_numpy=True,
-                       normalize_embeddings=normalize)
+    emb = model.encode(
+        texts,
+        batch_size=batch_size,
+        show_progress_bar=True,
+        convert_to_numpy=True,
+        normalize_embeddings=normalize,
+    )
     return np.asarray(emb, dtype=np.float32)
 
 
@@ -82,8 +92,14 @@ def load_embeddings(path: str | Path, num_items: int | None = None) -> np.ndarra
     return emb.astype(np.float32, copy=False)
 
 
-def embed_items(dataset_dir: str | Path, texts: list[str], model_name_or_path: str = DEFAULT_ENCODER,
-                batch_size: int = 64, device: str | None = None, force: bool = False) -> Path:
+def embed_items(
+    dataset_dir: str | Path,
+    texts: list[str],
+    model_name_or_path: str = DEFAULT_ENCODER,
+    batch_size: int = 64,
+    device: str | None = None,
+    force: bool = False,
+) -> Path:
     """Compute (or reuse) ``embeddings/<encoder>.npy`` for the dataset's item texts.
 
     The cache is valid when ``<encoder>.json`` records the same encoder and the same text hash;
@@ -101,6 +117,14 @@ def embed_items(dataset_dir: str | Path, texts: list[str], model_name_or_path: s
         logger.info("embedding cache at %s is stale (encoder or item text changed); recomputing", path)
     emb = encode_texts(texts, model_name_or_path, batch_size=batch_size, device=device)
     atomic_save_npy(path, emb)
-    atomic_write_json(meta_path, {"encoder": model_name_or_path, "text_sha256": digest,
-                                  "num_items": len(texts), "dim": int(emb.shape[1]), "normalized": True})
+    atomic_write_json(
+        meta_path,
+        {
+            "encoder": model_name_or_path,
+            "text_sha256": digest,
+            "num_items": len(texts),
+            "dim": int(emb.shape[1]),
+            "normalized": True,
+        },
+    )
     return path

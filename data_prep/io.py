@@ -17,8 +17,15 @@ import numpy as np
 class DataError(ValueError):
     """Bad input: the message names the file, the line or key, and the field that is wrong."""
 
-    def __init__(self, path: str | os.PathLike, message: str, *, line: int | None = None,
-                 key: str | None = None, field: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        message: str,
+        *,
+        line: int | None = None,
+        key: str | None = None,
+        field: str | None = None,
+    ) -> None:
         where = str(path)
         if line is not None:
             where += f":{line}"
@@ -142,8 +149,9 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             except json.JSONDecodeError as e:
                 raise DataError(path, f"malformed JSON: {e.msg} (column {e.colno})", line=lineno) from e
             if not isinstance(obj, dict):
-                raise DataError(path, f"expected a JSON object per line, got {type(obj).__name__}",
-                                line=lineno)
+                raise DataError(
+                    path, f"expected a JSON object per line, got {type(obj).__name__}", line=lineno
+                )
             yield lineno, obj
 
 

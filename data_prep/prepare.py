@@ -21,8 +21,9 @@ from data_prep.io import atomic_directory, read_json
 from data_prep.kcore import check_split
 from data_prep.loaders import amazon, generic, minionerec
 from data_prep.loaders.lcrec import load_lcrec
+from data_prep.provenance import run_info
+from data_prep.sid_json import read_sid_index_json, write_sid_index_json
 from data_prep.text import DEFAULT_TEMPLATE, render_item_text
-from sid_tokenizer.sid import SidIndex
 
 logger = logging.getLogger(__name__)
 
@@ -32,25 +33,44 @@ class PrepareArgs:
     format: str = field(default="lcrec", metadata={"help": "input format: one of data_prep.prepare.LOADERS"})
     inter_path: str | None = field(default=None, metadata={"help": "interactions file (format-specific)"})
     item_path: str | None = field(default=None, metadata={"help": "item catalogue file (optional for lcrec)"})
-    extra_paths: list[str] = field(default_factory=list,
-                                   metadata={"help": "format-specific extra inputs (e.g. MiniOneRec valid/test CSVs)"})
+    extra_paths: list[str] = field(
+        default_factory=list,
+        metadata={"help": "format-specific extra inputs (e.g. MiniOneRec valid/test CSVs)"},
+    )
     valid_csv: str | None = field(default=None, metadata={"help": "MiniOneRec valid CSV (format minionerec)"})
     test_csv: str | None = field(default=None, metadata={"help": "MiniOneRec test CSV (format minionerec)"})
     sid_index_path: str | None = field(
-        default=None, metadata={"help": "third-party SID index (item id -> SID tokens) to keep as sids/index.json "
-                                "(minionerec: defaults to X.index.json beside X.item.json)"})
+        default=None,
+        metadata={
+            "help": "third-party SID index (item id -> SID tokens) to keep as sids/index.json "
+            "(minionerec: defaults to X.index.json beside X.item.json)"
+        },
+    )
     name: str | None = field(default=None, metadata={"help": "dataset name (default: from the file name)"})
-    output_dir: str = field(default="outputs/scientific/dataset", metadata={"help": "dataset directory to write"})
-    min_interactions: int = field(default=5, metadata={"help": "k for k-core filtering (raw/generic formats)"})
+    output_dir: str = field(
+        default="outputs/scientific/dataset", metadata={"help": "dataset directory to write"}
+    )
+    min_interactions: int = field(
+        default=5, metadata={"help": "k for k-core filtering (raw/generic formats)"}
+    )
     start_time: str | None = field(default=None, metadata={"help": "keep interactions at/after (ISO date)"})
     end_time: str | None = field(default=None, metadata={"help": "keep interactions before (ISO date)"})
-    split: str = field(default="leave_one_out", metadata={"help": "amazon/generic: leave_one_out or temporal"})
-    valid_start: str | None = field(default=None, metadata={
-        "help": "temporal split: validation targets from this ISO time (default: 80% time quantile)"})
-    test_start: str | None = field(default=None, metadata={
-        "help": "temporal split: test targets from this ISO time (default: 90% time quantile)"})
-    events: list[str] = field(default_factory=list,
-                              metadata={"help": "generic: keep only these event types (empty: all)"})
+    split: str = field(
+        default="leave_one_out", metadata={"help": "amazon/generic: leave_one_out or temporal"}
+    )
+    valid_start: str | None = field(
+        default=None,
+        metadata={
+            "help": "temporal split: validation targets from this ISO time (default: 80% time quantile)"
+        },
+    )
+    test_start: str | None = field(
+        default=None,
+        metadata={"help": "temporal split: test targets from this ISO time (default: 90% time quantile)"},
+    )
+    events: list[str] = field(
+        default_factory=list, metadata={"help": "generic: keep only these event types (empty: all)"}
+    )
     min_rating: float | None = field(default=None, metadata={"help": "generic: keep ratings >= this"})
     text_template: str = field(default=DEFAULT_TEMPLATE, metadata={"help": "item text template"})
     max_description_chars: int = field(default=300, metadata={"help": "truncate descriptions"})
@@ -58,8 +78,12 @@ class PrepareArgs:
     encoder: str = field(default=DEFAULT_ENCODER, metadata={"help": "sentence-transformers id or path"})
     embed_batch_size: int = 64
     embedding_cache_dir: str | None = field(
-        default=None, metadata={"help": "directory whose embeddings/<encoder>.npy/.json may be reused "
-                                "when the text hash matches (default: the directory of inter_path)"})
+        default=None,
+        metadata={
+            "help": "directory whose embeddings/<encoder>.npy/.json may be reused "
+            "when the text hash matches (default: the directory of inter_path)"
+        },
+    )
 
 
 def _load_lcrec(args: PrepareArgs) -> RecDataset:
@@ -76,7 +100,9 @@ LOADERS: dict[str, Callable[[PrepareArgs], RecDataset]] = {
 }
 
 
-def _reuse_cached_embeddings(args: PrepareArgs, out: Path, texts: list[str], cache_dir: Path | None = None) -> None:
+def _reuse_cached_embeddings(
+    args: PrepareArgs, out: Path, texts: list[str], cache_dir: Path | None = None
+) -> None:
     """Copy a shipped embedding cache into the dataset dir when its text hash matches."""
     if cache_dir is None:
         if args.embedding_cache_dir is None and args.inter_path is None:
@@ -114,14 +140,21 @@ def prepare(args: PrepareArgs, dataset: RecDataset | None = None) -> RecDataset:
     sid_source = ds.meta.get("sid_index_source") or args.sid_index_path
     sid_index = None
     if sid_source is not None:  # validated before anything is written
-        sid_index = SidIndex.load(sid_source, raw_ids=[it.raw_id for it in ds.items])
+        sid_index = read_sid_index_json(sid_source, raw_ids=[it.raw_id for it in ds.items])
         ds.meta.update(sid_index=minionerec.SID_INDEX_FILE, sid_index_source=str(sid_source))
     out = Path(args.output_dir)
     with atomic_directory(out) as stage:
-        ds.save(stage, extra_meta={"text_template": args.text_template,
-                                   "max_description_chars": args.max_description_chars})
+        ds.save(
+            stage,
+            extra_meta={
+                "text_template": args.text_template,
+                "max_description_chars": args.max_description_chars,
+                **run_info(),
+            },
+        )
         if sid_index is not None:
-            sid_index.save(stage / minionerec.SID_INDEX_FILE)
+            keys, codes, _ = sid_index
+            write_sid_index_json(stage / minionerec.SID_INDEX_FILE, keys, codes)
         if args.embed:
             texts = [it.text for it in ds.items]
             if not any(texts):

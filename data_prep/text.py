@@ -60,8 +60,9 @@ def truncate(text: str, max_chars: int) -> str:
     return (cut[:space] if space > max_chars // 2 else cut).rstrip(" ,.;") + "..."
 
 
-def render_item_text(item: Item, template: str = DEFAULT_TEMPLATE, max_description_chars: int = 300,
-                     max_chars: int = 1000) -> str:
+def render_item_text(
+    item: Item, template: str = DEFAULT_TEMPLATE, max_description_chars: int = 300, max_chars: int = 1000
+) -> str:
     """Fill the template; empty fields and their dangling labels are dropped."""
     fields = {
         "title": item.title.rstrip(" ."),

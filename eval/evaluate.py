@@ -26,16 +26,20 @@ from data_prep.io import read_json
 from eval.generate import SidRanker, evaluate_examples
 from eval.metrics import metrics_with_ci
 from eval.report import write_metrics_report
-from sid_tokenizer.llm import Catalogue, load_checkpoint
+from sid_tokenizer.catalog import Catalogue, checkpoint_dataset_dir, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class EvalArgs:
-    checkpoint: str = field(default="outputs/scientific/sft/final", metadata={"help": "sidrec checkpoint dir"})
-    dataset_dir: str | None = field(default=None, metadata={
-        "help": "dataset dir (default: the one recorded in <checkpoint>/sidrec/meta.json)"})
+    checkpoint: str = field(
+        default="outputs/scientific/sft/final", metadata={"help": "sidrec checkpoint dir"}
+    )
+    dataset_dir: str | None = field(
+        default=None,
+        metadata={"help": "dataset dir (default: the one recorded in <checkpoint>/sidrec/meta.json)"},
+    )
     model_name: str | None = field(default=None, metadata={"help": "row name in the report"})
     splits: list[str] = field(default_factory=lambda: ["test"], metadata={"help": "valid and/or test"})
     num_beams: int = 20
@@ -44,13 +48,19 @@ class EvalArgs:
     max_users: int | None = field(default=None, metadata={"help": "evaluate a seeded random subset"})
     also_unconstrained: bool = field(default=True, metadata={"help": "report unconstrained validity too"})
     unconstrained_users: int = field(default=500, metadata={"help": "users for the unconstrained contrast"})
-    backend: str = field(default="sid_beam", metadata={
-        "help": "sid_beam | hf (transformers generate) | vllm (vllm.LLM, batch_size prompts per engine call)"})
+    backend: str = field(
+        default="sid_beam",
+        metadata={
+            "help": "sid_beam | hf (transformers generate) | vllm (vllm.LLM, batch_size prompts per engine call)"
+        },
+    )
     device: str | None = None
     n_boot: int = 1000
     seed: int = 0
     output_dir: str = "outputs/scientific/eval"
-    baselines_json: str | None = field(default=None, metadata={"help": "baselines.json to merge into the report"})
+    baselines_json: str | None = field(
+        default=None, metadata={"help": "baselines.json to merge into the report"}
+    )
 
 
 def evaluate_checkpoint(args: EvalArgs) -> dict[str, dict[str, Any]]:
@@ -61,16 +71,19 @@ def evaluate_checkpoint(args: EvalArgs) -> dict[str, dict[str, Any]]:
         from eval.vllm_backend import VllmSidRanker, load_vllm
 
         tokenizer, catalogue = AutoTokenizer.from_pretrained(args.checkpoint), Catalogue.load(args.checkpoint)
-        ranker = VllmSidRanker(load_vllm(args.checkpoint, num_beams=args.num_beams, seed=args.seed), tokenizer,
-                               catalogue.index)
+        ranker = VllmSidRanker(
+            load_vllm(args.checkpoint, num_beams=args.num_beams, seed=args.seed), tokenizer, catalogue.index
+        )
     else:
         model, tokenizer, catalogue = load_checkpoint(args.checkpoint, device=args.device)
         ranker = SidRanker(model, tokenizer, catalogue.index)
-    dataset_dir = args.dataset_dir or read_json(Path(args.checkpoint) / "sidrec" / "meta.json")["dataset_dir"]
+    dataset_dir = checkpoint_dataset_dir(args.checkpoint, args.dataset_dir)
     dataset = RecDataset.load(dataset_dir)
     if len(catalogue.index) != dataset.num_items:
-        raise ValueError(f"{args.checkpoint}: catalogue has {len(catalogue.index)} items, dataset "
-                         f"{dataset_dir} has {dataset.num_items}")
+        raise ValueError(
+            f"{args.checkpoint}: catalogue has {len(catalogue.index)} items, dataset "
+            f"{dataset_dir} has {dataset.num_items}"
+        )
     name = args.model_name or Path(args.checkpoint).parent.name
     results: dict[str, dict[str, Any]] = {}
     for split in args.splits:
@@ -78,25 +91,53 @@ def evaluate_checkpoint(args: EvalArgs) -> dict[str, dict[str, Any]]:
         if args.max_users and args.max_users < len(examples):
             examples = random.Random(args.seed).sample(examples, args.max_users)
         t0 = time.perf_counter()
-        res = evaluate_examples(ranker, examples, args.max_history, args.num_beams, args.batch_size,
-                                constrained=True, backend=args.backend)
+        res = evaluate_examples(
+            ranker,
+            examples,
+            args.max_history,
+            args.num_beams,
+            args.batch_size,
+            constrained=True,
+            backend=args.backend,
+        )
         seconds = time.perf_counter() - t0
         metrics = metrics_with_ci(res, n_boot=args.n_boot, seed=args.seed)
-        extra = {"users": len(examples), "seconds": round(seconds, 1),
-                 "users_per_second": round(len(examples) / seconds, 2), "num_beams": args.num_beams,
-                 "checkpoint": args.checkpoint, "constrained_validity": res["valid_rate"],
-                 "distinct_items_per_list": _distinct_share(res["ranking"].sids)}
+        extra = {
+            "users": len(examples),
+            "seconds": round(seconds, 1),
+            "users_per_second": round(len(examples) / seconds, 2),
+            "num_beams": args.num_beams,
+            "checkpoint": args.checkpoint,
+            "constrained_validity": res["valid_rate"],
+            "distinct_items_per_list": _distinct_share(res["ranking"].sids),
+        }
         if args.also_unconstrained:
             sub = examples[: args.unconstrained_users]
-            free = evaluate_examples(ranker, sub, args.max_history, args.num_beams, args.batch_size,
-                                     constrained=False, backend=args.backend)
+            free = evaluate_examples(
+                ranker,
+                sub,
+                args.max_history,
+                args.num_beams,
+                args.batch_size,
+                constrained=False,
+                backend=args.backend,
+            )
             extra["unconstrained_validity"] = free["valid_rate"]
             extra["unconstrained_top1_validity"] = sum(r[0] is not None for r in free["ranking"].sids) / max(
-                len(sub), 1)
+                len(sub), 1
+            )
             extra["unconstrained_HR@10"] = free["HR@10"]
         results[f"{name}/{split}"] = {"model": name, "split": split, "metrics": metrics, "extra": extra}
-        logger.info("%s %s: HR@10 %.4f NDCG@10 %.4f validity %.3f (%d users, %.0f s)", name, split,
-                    res["HR@10"], res["NDCG@10"], res["valid_rate"], len(examples), seconds)
+        logger.info(
+            "%s %s: HR@10 %.4f NDCG@10 %.4f validity %.3f (%d users, %.0f s)",
+            name,
+            split,
+            res["HR@10"],
+            res["NDCG@10"],
+            res["valid_rate"],
+            len(examples),
+            seconds,
+        )
     return results
 
 

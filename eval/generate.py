@@ -14,9 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sid_tokenizer.constrained import SidLogitsProcessor
-from sid_tokenizer.llm import sid_token_ids
-from sid_tokenizer.sid import SidIndex, SidTokenCodes
+from sid_tokenizer.constrained import SidConstraint, SidLogitsProcessor
+from sid_tokenizer.sid import SidIndex
 from sid_tokenizer.trie import SidTrie
 
 logger = logging.getLogger(__name__)
@@ -35,25 +34,25 @@ class SidRanker:
         self.model = model
         self.tokenizer = tokenizer
         self.index = index
-        self.trie = trie or SidTrie(index.codes, index.vocab.level_sizes)
-        self.level_token_ids = sid_token_ids(tokenizer, index.vocab)
-        self.num_levels = index.vocab.num_levels
-        self.token_codes = SidTokenCodes(self.level_token_ids, len(tokenizer))
+        self.constraint = SidConstraint(index, tokenizer, trie=trie)
+        self.trie = self.constraint.trie
+        self.level_token_ids = self.constraint.level_token_ids
+        self.num_levels = self.constraint.num_levels
 
     def decode_codes(self, generated: np.ndarray) -> list[tuple[int, ...] | None]:
         """(N, L) generated token ids -> SID codes when they form a catalogue SID, else None."""
-        out: list[tuple[int, ...] | None] = []
-        codes = self.token_codes.codes(generated[:, :self.num_levels]) if generated.shape[1] >= \
-            self.num_levels else np.full((len(generated), self.num_levels), -1)
-        valid = (codes >= 0).all(1)
-        valid[valid] = self.trie.contains(codes[valid])
-        for row, ok in zip(codes, valid, strict=True):
-            out.append(tuple(int(c) for c in row) if ok else None)
-        return out
+        return self.constraint.decode_codes(generated)
 
     @torch.no_grad()
-    def rank(self, prompts: list[str], num_beams: int = 20, batch_size: int = 16, constrained: bool = True,
-             progress: bool = True, backend: str = "sid_beam") -> Ranking:
+    def rank(
+        self,
+        prompts: list[str],
+        num_beams: int = 20,
+        batch_size: int = 16,
+        constrained: bool = True,
+        progress: bool = True,
+        backend: str = "sid_beam",
+    ) -> Ranking:
         """Top ``num_beams`` SIDs per prompt (None where a beam is not a catalogue SID).
 
         backend ``sid_beam`` (default): ``sid_beam_search`` (prefill once per prompt, then
@@ -71,39 +70,63 @@ class SidRanker:
         tok.padding_side = "left"
         device = next(model.parameters()).device
         all_sids, all_scores = [], []
-        for start in tqdm(range(0, len(prompts), batch_size), desc="beam search", disable=not progress,
-                          leave=False):
-            batch = tok(prompts[start:start + batch_size], return_tensors="pt", padding=True,
-                        add_special_tokens=False).to(device)
+        for start in tqdm(
+            range(0, len(prompts), batch_size), desc="beam search", disable=not progress, leave=False
+        ):
+            batch = tok(
+                prompts[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(device)
             proc = None
             if constrained:
-                proc = SidLogitsProcessor(self.trie, self.level_token_ids, batch["input_ids"].shape[1],
-                                          tok.eos_token_id, vocab_size=model.config.vocab_size)
+                proc = SidLogitsProcessor(
+                    self.trie,
+                    self.level_token_ids,
+                    batch["input_ids"].shape[1],
+                    tok.eos_token_id,
+                    vocab_size=model.config.vocab_size,
+                )
             gen, scores = decode_batch(batch, num_beams, proc)  # (B*K, L) token ids, (B*K,) scores
             sids = self.decode_codes(gen)
             for i in range(0, len(sids), num_beams):
-                row_scores = scores[i:i + num_beams]
-                all_sids.append([s if np.isfinite(sc) else None for s, sc in zip(sids[i:i + num_beams],
-                                                                                 row_scores, strict=True)])
+                row_scores = scores[i : i + num_beams]
+                all_sids.append(
+                    [
+                        s if np.isfinite(sc) else None
+                        for s, sc in zip(sids[i : i + num_beams], row_scores, strict=True)
+                    ]
+                )
                 all_scores.append(row_scores)
         if was_training:
             model.train()
         return Ranking(all_sids, all_scores)
 
     def _beams_sid(self, batch, num_beams: int, proc) -> tuple[np.ndarray, list[float]]:
-        gen, scores = sid_beam_search(self.model, batch["input_ids"], batch["attention_mask"], num_beams,
-                                      self.num_levels, proc)
+        gen, scores = sid_beam_search(
+            self.model, batch["input_ids"], batch["attention_mask"], num_beams, self.num_levels, proc
+        )
         return gen.reshape(-1, self.num_levels).cpu().numpy(), scores.reshape(-1).cpu().tolist()
 
     def _beams_hf(self, batch, num_beams: int, proc) -> tuple[np.ndarray, list[float]]:
         tok = self.tokenizer
         plen = batch["input_ids"].shape[1]
-        out = self.model.generate(**batch, num_beams=num_beams, num_return_sequences=num_beams,
-                                  max_new_tokens=self.num_levels, min_new_tokens=self.num_levels,
-                                  do_sample=False, early_stopping=True, logits_processor=[proc] if proc else [],
-                                  output_scores=True, return_dict_in_generate=True,
-                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        gen = out.sequences[:, plen:plen + self.num_levels].cpu().numpy()
+        out = self.model.generate(
+            **batch,
+            num_beams=num_beams,
+            num_return_sequences=num_beams,
+            max_new_tokens=self.num_levels,
+            min_new_tokens=self.num_levels,
+            do_sample=False,
+            early_stopping=True,
+            logits_processor=[proc] if proc else [],
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        gen = out.sequences[:, plen : plen + self.num_levels].cpu().numpy()
         if gen.shape[1] < self.num_levels:
             gen = np.pad(gen, ((0, 0), (0, self.num_levels - gen.shape[1])), constant_values=-1)
         return gen, out.sequences_scores.cpu().tolist()
@@ -115,9 +138,14 @@ class SidRanker:
 
 
 @torch.no_grad()
-def sid_beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_beams: int,
-                    num_levels: int, processor: SidLogitsProcessor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def sid_beam_search(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    num_beams: int,
+    num_levels: int,
+    processor: SidLogitsProcessor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Beam search for exactly ``num_levels`` tokens, prefilling each prompt once.
 
     input_ids, attention_mask: (B, P), left-padded. Returns generated tokens (B, K, L) and
@@ -144,8 +172,13 @@ def sid_beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     for _ in range(1, num_levels):
         mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
         last_pos = last_pos + 1
-        out = model(input_ids=generated[:, -1:], attention_mask=mask, position_ids=last_pos[:, None],
-                    past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=generated[:, -1:],
+            attention_mask=mask,
+            position_ids=last_pos[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        )
         cache = out.past_key_values
         logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
         if processor is not None:
@@ -160,17 +193,31 @@ def sid_beam_search(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return generated.reshape(bsz, k, num_levels), scores
 
 
-def evaluate_examples(ranker: SidRanker, examples, max_history: int = 20, num_beams: int = 20,
-                      batch_size: int = 16, constrained: bool = True, ks=(1, 3, 5, 10, 20),
-                      progress: bool = True, backend: str = "sid_beam") -> dict:
+def evaluate_examples(
+    ranker: SidRanker,
+    examples,
+    max_history: int = 20,
+    num_beams: int = 20,
+    batch_size: int = 16,
+    constrained: bool = True,
+    ks=(1, 3, 5, 10, 20),
+    progress: bool = True,
+    backend: str = "sid_beam",
+) -> dict:
     """Rank the full catalogue for held-out ``Example``s with the raw seq2seq prompt and score
     them with ``eval.metrics.rank_metrics`` (item-level; invalid beams occupy their rank)."""
-    from data_prep.tasks import seq2seq_prompt
     from eval.metrics import rank_metrics
+    from sid_tokenizer.prompts import seq2seq_prompt
 
     prompts = [seq2seq_prompt(ranker.index, e.history, max_history) for e in examples]
-    ranking = ranker.rank(prompts, num_beams=num_beams, batch_size=batch_size, constrained=constrained,
-                          progress=progress, backend=backend)
+    ranking = ranker.rank(
+        prompts,
+        num_beams=num_beams,
+        batch_size=batch_size,
+        constrained=constrained,
+        progress=progress,
+        backend=backend,
+    )
     result = rank_metrics(ranker.to_item_groups(ranking), [e.target for e in examples], ks=ks)
     result["ranking"] = ranking
     return result

@@ -151,5 +151,12 @@ def paired_difference(diff: np.ndarray, n_boot: int = 1000, seed: int = 0, **lab
     bootstrap 95% CI of the mean, users better / worse; ``labels`` (model, split, ...) lead the row."""
     diff = np.asarray(diff, dtype=np.float64)
     low, high = bootstrap_ci(diff, n_boot=n_boot, seed=seed)
-    return {**labels, "users": len(diff), "difference": float(diff.mean()), "ci_low": low, "ci_high": high,
-            "better_users": int((diff > 0).sum()), "worse_users": int((diff < 0).sum())}
+    return {
+        **labels,
+        "users": len(diff),
+        "difference": float(diff.mean()),
+        "ci_low": low,
+        "ci_high": high,
+        "better_users": int((diff > 0).sum()),
+        "worse_users": int((diff < 0).sum()),
+    }

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.io import DataError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from data_prep.provenance import run_info
 
 _AT_K = re.compile(r"^(?P<family>[A-Za-z_]+)@(?P<k>\d+)$")
 _SPLIT_ORDER = {"test": 0, "valid": 1}
@@ -172,7 +173,8 @@ def write_metrics_report(
     prefix = Path(path_prefix)
     paths = [prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".md")]
     atomic_write_json(
-        paths[0], {"meta": meta or {}, "title": title, "notes": list(notes), "results": results}
+        paths[0],
+        {"meta": {**run_info(), **(meta or {})}, "title": title, "notes": list(notes), "results": results},
     )
     atomic_write_text(paths[1], metrics_markdown(results, metrics, title=title, notes=notes))
     if plot:

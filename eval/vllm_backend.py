@@ -24,8 +24,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from eval.generate import Ranking
-from sid_tokenizer.llm import sid_token_ids
-from sid_tokenizer.sid import SidIndex, SidTokenCodes
+from sid_tokenizer.constrained import SidConstraint
+from sid_tokenizer.sid import SidIndex
 from sid_tokenizer.trie import SidTrie
 from sid_tokenizer.vllm_processor import ENV_CHECKPOINT, SidTrieLogitsProcessor
 
@@ -99,10 +99,10 @@ class VllmSidRanker:
         self.llm = llm
         self.tokenizer = tokenizer
         self.index = index
-        self.trie = trie or SidTrie(index.codes, index.vocab.level_sizes)
-        self.num_levels = index.vocab.num_levels
-        self.level_token_ids = sid_token_ids(tokenizer, index.vocab)
-        self.token_codes = SidTokenCodes(self.level_token_ids, len(tokenizer))
+        self.constraint = SidConstraint(index, tokenizer, trie=trie)
+        self.trie = self.constraint.trie
+        self.num_levels = self.constraint.num_levels
+        self.level_token_ids = self.constraint.level_token_ids
 
     def rank(
         self,
@@ -179,12 +179,7 @@ class VllmSidRanker:
 
     def decode_codes(self, generated: np.ndarray) -> list[tuple[int, ...] | None]:
         """(N, L) token ids -> SID code tuples where they form a catalogue SID, else None."""
-        if len(generated) == 0:
-            return []
-        codes = self.token_codes.codes(np.asarray(generated)[:, : self.num_levels])
-        valid = (codes >= 0).all(1)
-        valid[valid] = self.trie.contains(codes[valid])
-        return [tuple(int(c) for c in row) if ok else None for row, ok in zip(codes, valid, strict=True)]
+        return self.constraint.decode_codes(generated)
 
     def to_item_groups(self, ranking: Ranking) -> list[list[list[int]]]:
         """Ranked SIDs -> ranked groups of item ids ([] for an invalid SID)."""

@@ -9,50 +9,19 @@ with ``SidTrieLogitsProcessor`` and the prompt guard, waits for ``/health``, the
 serves until interrupted or (``--once``) answers one chat request with titled recommendations
 and shuts down. ``--add_items`` first appends new items (SIDs from the saved quantizer) to the
 checkpoint's catalogue; a running server reloads it by itself. Requests switch the constraint
-on with ``vllm_xargs`` (``eval.client.sid_xargs``); see docs/serving.md.
+on with ``vllm_xargs`` (``recipes.client.sid_xargs``); see docs/serving.md.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
-from eval.client import ServerConfig, SidRecClient, free_port, render, start_server
+from recipes.args import ServeArgs
+from recipes.client import SidRecClient, render
+from recipes.server import ServerConfig, free_port, start_server
 from sid_tokenizer.new_items import add_items
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ServeArgs:
-    checkpoint: str = field(default="outputs/demo/sft/final", metadata={"help": "sidrec checkpoint dir"})
-    host: str = "127.0.0.1"
-    port: int = field(default=8000, metadata={"help": "0: pick a free port"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | auto"})
-    max_model_len: int = 1024
-    max_num_seqs: int = 64
-    kv_cache_gib: int = field(default=1, metadata={"help": "VLLM_CPU_KVCACHE_SPACE (CPU builds)"})
-    gpu_memory_utilization: float | None = field(default=None, metadata={"help": "GPU builds only"})
-    enforce_eager: bool = True
-    served_model_name: str | None = None
-    reload_seconds: float = field(default=2.0, metadata={"help": "catalogue file check interval"})
-    startup_timeout: float = 900
-    log_file: str | None = field(
-        default=None, metadata={"help": "server log (default: next to the checkpoint)"}
-    )
-    extra_server_args: list[str] = field(default_factory=list, metadata={"help": "more api_server flags"})
-    once: str | None = field(default=None, metadata={"help": "answer this chat prompt, print, shut down"})
-    num_recommendations: int = field(default=5, metadata={"help": "distinct items per answer (sid_count)"})
-    sid_items: str | None = field(
-        default=None, metadata={"help": "only these raw item ids (comma-separated)"}
-    )
-    sid_category: str | None = field(default=None, metadata={"help": "only items of this category"})
-    temperature: float = 0.0
-    add_items: str | None = field(default=None, metadata={"help": "items.jsonl of new items to add first"})
-    sid_dir: str | None = field(
-        default=None, metadata={"help": "SID dir with the quantizer (default: meta.json)"}
-    )
-    add_only: bool = field(default=False, metadata={"help": "add the items and exit without serving"})
 
 
 def main(args: ServeArgs) -> None:

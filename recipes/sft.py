@@ -12,53 +12,35 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset
 from trl import ModelConfig, SFTConfig, TrlParser, get_peft_config, get_quantization_config
 
 from data_prep.dataset import RecDataset
-from data_prep.tasks import build_mixture, eval_rows, tokenize_rows
-from eval.training import (
+from recipes.args import SidSFTArgs
+from recipes.model import prepare_base_checkpoint
+from recipes.sft_trainer import SidSFTTrainer, trainable_sid_rows_only
+from recipes.tasks import build_mixture, eval_rows, tokenize_rows
+from recipes.training import (
     CatalogueCallback,
-    SidSFTTrainer,
     already_finished,
-    load_sid_dir,
     plot_training_curves,
     prepare_output_dir,
     save_final,
     train_or_finish,
-    trainable_sid_rows_only,
 )
-from sid_tokenizer.llm import prepare_base_checkpoint
+from sid_tokenizer.catalog import load_sid_dir
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class SidSFTArgs:
-    dataset_dir: str = field(default="outputs/scientific/dataset", metadata={"help": "data_prep output"})
-    sid_dir: str = field(default="outputs/scientific/sid_rkmeans", metadata={"help": "sid_tokenizer output"})
-    model_preset: str = field(default="small", metadata={"help": "size of the offline default model"})
-    tasks: dict[str, float] = field(default_factory=lambda: {"seq2seq": 1.0}, metadata={
-        "help": "task -> weight (rows per source unit), see data_prep.tasks.TASKS"})
-    max_history: int = 20
-    include_valid_in_train: bool = field(default=False, metadata={
-        "help": "train on the validation targets too (final model for test; select steps first)"})
-    sid_embedding_init: str = field(default="mean", metadata={"help": "mean | random"})
-    train_only_sid_embeddings: bool = field(default=False, metadata={
-        "help": "freeze everything but the new SID token rows (MiniOneRec's option)"})
-    rank_eval_users: int = field(default=500, metadata={"help": "validation users ranked at each eval (0: off)"})
-    rank_eval_beams: int = 20
-    max_eval_loss_users: int = 2000
-    seed_data: int = 0
-
-
 def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelConfig) -> None:
     if script_args.rank_eval_users <= 0 and "@" in (training_args.metric_for_best_model or ""):
-        logger.warning("rank_eval_users=0: selecting checkpoints on eval_loss instead of %s",
-                       training_args.metric_for_best_model)
+        logger.warning(
+            "rank_eval_users=0: selecting checkpoints on eval_loss instead of %s",
+            training_args.metric_for_best_model,
+        )
         training_args.metric_for_best_model, training_args.greater_is_better = "eval_loss", False
     dataset = RecDataset.load(script_args.dataset_dir)
     index = load_sid_dir(script_args.sid_dir, dataset)
@@ -70,35 +52,60 @@ def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelCon
             plot_training_curves(done["log_history"], out / "training_curves.png")
         return
     base = prepare_base_checkpoint(
-        out / "base", dataset, index, model_args.model_name_or_path, preset=script_args.model_preset,
-        sid_init=script_args.sid_embedding_init, seed=training_args.seed,
+        out / "base",
+        dataset,
+        index,
+        model_args.model_name_or_path,
+        preset=script_args.model_preset,
+        sid_init=script_args.sid_embedding_init,
+        seed=training_args.seed,
         sid_dir=script_args.sid_dir,
-        dataset_dir=script_args.dataset_dir)
+        dataset_dir=script_args.dataset_dir,
+    )
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     quantization_config = get_quantization_config(model_args)
     model = AutoModelForCausalLM.from_pretrained(
-        base, dtype=model_args.dtype if model_args.dtype not in (None, "auto") else "auto",
-        attn_implementation=model_args.attn_implementation, quantization_config=quantization_config)
+        base,
+        dtype=model_args.dtype if model_args.dtype not in (None, "auto") else "auto",
+        attn_implementation=model_args.attn_implementation,
+        quantization_config=quantization_config,
+    )
     if script_args.train_only_sid_embeddings:
         trainable_sid_rows_only(model, tokenizer, index.vocab)
 
-    rows = build_mixture(dataset, index, script_args.tasks, tokenizer, seed=script_args.seed_data,
-                         max_history=script_args.max_history, include_valid=script_args.include_valid_in_train)
+    rows = build_mixture(
+        dataset,
+        index,
+        script_args.tasks,
+        tokenizer,
+        seed=script_args.seed_data,
+        max_history=script_args.max_history,
+        include_valid=script_args.include_valid_in_train,
+    )
     train_ds = Dataset.from_dict(tokenize_rows(rows, tokenizer, training_args.max_length or 512))
     valid = dataset.valid[: script_args.max_eval_loss_users]
-    eval_ds = Dataset.from_dict(tokenize_rows(eval_rows(dataset, index, valid, script_args.max_history),
-                                              tokenizer, training_args.max_length or 512))
+    eval_ds = Dataset.from_dict(
+        tokenize_rows(
+            eval_rows(dataset, index, valid, script_args.max_history),
+            tokenizer,
+            training_args.max_length or 512,
+        )
+    )
     logger.info("task mixture rows: %s", dict(Counter(r["task"] for r in rows)))
 
     trainer = SidSFTTrainer(
-        model=model, args=training_args, train_dataset=train_ds.remove_columns("task"),
-        eval_dataset=eval_ds.remove_columns("task"), processing_class=tokenizer,
+        model=model,
+        args=training_args,
+        train_dataset=train_ds.remove_columns("task"),
+        eval_dataset=eval_ds.remove_columns("task"),
+        processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
         callbacks=[CatalogueCallback(base)],
-        rank_eval=(dataset, index, dataset.valid, script_args) if script_args.rank_eval_users > 0 else None)
+        rank_eval=(dataset, index, dataset.valid, script_args) if script_args.rank_eval_users > 0 else None,
+    )
     train_or_finish(trainer, last, done)
     save_final(trainer, tokenizer, base, final)
     if trainer.accelerator.is_main_process:

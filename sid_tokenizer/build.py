@@ -14,15 +14,13 @@ resolves collisions (``collision_strategy``), and writes ``output_dir`` atomical
     meta.json      inputs, config, versions, counts, level sizes, collision strategy
 
 With ``index_path`` the SIDs are read from a third-party ``index.json`` instead of fitted.
-Python API: ``load_sid_index(sid_dir)`` and ``assign_new_items(sid_dir, embeddings)``.
+Python API: ``sid_tokenizer.catalog.load_sid_dir(sid_dir)`` and ``assign_new_items(sid_dir, embeddings)``.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.metadata
 import logging
-import platform
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -34,6 +32,8 @@ import numpy as np
 from data_prep.dataset import RecDataset
 from data_prep.embed import DEFAULT_ENCODER, embeddings_path, load_embeddings
 from data_prep.io import DataError, atomic_directory, atomic_write_json, file_sha256, read_json
+from data_prep.provenance import run_info
+from sid_tokenizer.catalog import load_sid_dir
 from sid_tokenizer.collisions import STRATEGIES, collision_stats, pick_free_codes, resolve_collisions
 from sid_tokenizer.quantizers import QUANTIZERS, Quantizer, make_quantizer
 from sid_tokenizer.report import level_usage, plot_usage, reconstruction_error
@@ -134,16 +134,6 @@ class StageTimer:
         logger.info("%s: %.2f s", stage, self.seconds[stage])
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("sidrec", "numpy", "scipy", "faiss-cpu", "torch", "trl"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return out
-
-
 def import_index(path: str | Path, raw_ids: list[str], level_sizes: list[int] | None) -> SidIndex:
     """Read a third-party index.json for the catalogue's items (each must have an entry)."""
     index = SidIndex.load(path, raw_ids=raw_ids, level_sizes=tuple(level_sizes) if level_sizes else None)
@@ -240,7 +230,7 @@ def build(args: BuildArgs) -> Path:
                 "created": started,
                 "inputs": inputs,
                 "config": config,
-                "versions": versions(),
+                **run_info(),
                 "level_sizes": list(final_sizes),
                 "quantizer_levels": len(level_sizes),
                 "collision_strategy": args.collision_strategy,
@@ -257,25 +247,11 @@ def build(args: BuildArgs) -> Path:
     return out
 
 
-def load_sid_index(sid_dir: str | Path, dataset_dir: str | Path | None = None) -> SidIndex:
-    """Read a SID directory's ``index.json`` in catalogue order (the order it was written in).
-
-    With ``dataset_dir`` the index is checked against that catalogue (every item needs a SID).
-    """
-    sid_dir = Path(sid_dir)
-    meta = read_json(sid_dir / "meta.json")
-    sizes = meta.get("level_sizes")
-    if not isinstance(sizes, list) or not sizes:
-        raise DataError(sid_dir / "meta.json", "missing list of codebook sizes", field="level_sizes")
-    if dataset_dir is not None:
-        raw_ids = [it.raw_id for it in RecDataset.load(dataset_dir).items]
-    else:
-        raw_ids = list(read_json(sid_dir / "index.json"))
-    return SidIndex.load(sid_dir / "index.json", raw_ids=raw_ids, level_sizes=tuple(sizes))
-
-
 def assign_new_items(
-    sid_dir: str | Path, embeddings: np.ndarray, avoid_collisions: bool = True
+    sid_dir: str | Path,
+    embeddings: np.ndarray,
+    avoid_collisions: bool = True,
+    existing_codes: np.ndarray | None = None,
 ) -> np.ndarray:
     """SIDs for items that were not in the catalogue, with the saved quantizer (no retraining).
 
@@ -283,7 +259,9 @@ def assign_new_items(
     ``avoid_collisions`` an item whose SID is taken (by a catalogue item or an earlier new
     item) gets the nearest free last-level code of its prefix. For ``extra_level`` directories
     the dedup code continues each group's numbering; a dedup code >= the dedup level's size
-    needs a new token and is logged.
+    needs a new token and is logged. ``existing_codes`` (N, L): the SIDs already taken
+    (default: the SID directory's own index; a checkpoint passes its catalogue's, which also
+    holds items added earlier).
     """
     sid_dir = Path(sid_dir)
     meta = read_json(sid_dir / "meta.json")
@@ -294,7 +272,7 @@ def assign_new_items(
             field="has_quantizer",
         )
     quantizer = Quantizer.load(sid_dir / "quantizer")
-    existing = load_sid_index(sid_dir).codes
+    existing = load_sid_dir(sid_dir).codes if existing_codes is None else np.asarray(existing_codes)
     codes = quantizer.encode(embeddings)
     strategy = meta.get("collision_strategy")
     if strategy == "extra_level":

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.io import DataError, atomic_write_json, atomic_write_text, iter_jsonl, read_json
-from sid_tokenizer.llm import Catalogue
+from sid_tokenizer.catalog import Catalogue, checkpoint_sid_dir
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def add_items(
         fcntl.flock(lock, fcntl.LOCK_EX)  # one writer at a time
         meta = read_json(d / "meta.json")
         cat = Catalogue.load(ckpt)
-        sid_dir = Path(sid_dir or meta.get("sid_dir") or "")
+        sid_dir = checkpoint_sid_dir(ckpt, sid_dir)
         if not (sid_dir / "meta.json").exists():
             raise DataError(
                 d / "meta.json", f"SID directory {str(sid_dir)!r} not found; pass sid_dir", field="sid_dir"
@@ -93,7 +93,7 @@ def add_items(
         embeddings = np.asarray(embeddings, dtype=np.float32)
         if embeddings.shape[0] != len(items):
             raise ValueError(f"{embeddings.shape[0]} embedding rows for {len(items)} new items")
-        codes = assign_new_items(sid_dir, embeddings)
+        codes = assign_new_items(sid_dir, embeddings, existing_codes=cat.index.codes)
         taken = set(map(tuple, cat.index.codes.tolist()))
         clash = [i for i, row in enumerate(codes.tolist()) if tuple(row) in taken]
         if clash and read_json(sid_dir / "meta.json").get("collision_strategy") != "extra_level":

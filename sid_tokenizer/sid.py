@@ -9,16 +9,12 @@ MiniOneRec write it.
 from __future__ import annotations
 
 import re
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from data_prep.io import DataError, atomic_write_json, read_json
-
-LEVEL_PREFIXES = string.ascii_lowercase
-_TOKEN = re.compile(r"<([a-z])_(\d+)>")
+from data_prep.sid_json import _TOKEN, LEVEL_PREFIXES, read_sid_index_json, write_sid_index_json
 
 
 class SidFormatError(ValueError):
@@ -126,7 +122,7 @@ class SidIndex:
         return len(self.codes) - len(self.sid_to_items)
 
     def save(self, path: str | Path) -> None:
-        atomic_write_json(path, {r: self.sid_tokens(i) for i, r in enumerate(self.raw_ids)}, indent=None)
+        write_sid_index_json(path, self.raw_ids, self.codes)
 
     @classmethod
     def load(
@@ -138,49 +134,7 @@ class SidIndex:
         have an entry. Codebook sizes are inferred (max code + 1, rounded up to a power of
         two) unless ``level_sizes`` is given.
         """
-        raw = read_json(path)
-        if not isinstance(raw, dict) or not raw:
-            raise DataError(path, "expected a non-empty object of item id -> list of SID tokens")
-        keys = raw_ids if raw_ids is not None else sorted(raw, key=lambda k: (len(k), k))
-        parsed: list[list[int]] = []
-        num_levels = None
-        for key in keys:
-            if key not in raw:
-                raise DataError(path, "catalogue item has no SID in the index", key=key)
-            toks = raw[key]
-            if isinstance(toks, str):  # "<a_1><b_2>" instead of a list: split, rejecting other text
-                found = [m.group(0) for m in _TOKEN.finditer(toks)]
-                toks = found if "".join(found) == toks.strip() else None
-            if not isinstance(toks, list) or not toks:
-                raise DataError(path, f"expected a list of SID tokens, got {raw[key]!r}", key=key)
-            row = []
-            for lv, t in enumerate(toks):
-                m = _TOKEN.fullmatch(str(t))
-                if m is None or m.group(1) != LEVEL_PREFIXES[lv]:
-                    raise DataError(
-                        path, f"token {lv + 1} is {t!r}, expected <{LEVEL_PREFIXES[lv]}_N>", key=key
-                    )
-                row.append(int(m.group(2)))
-            if num_levels is None:
-                num_levels = len(row)
-            elif len(row) != num_levels:
-                raise DataError(path, f"SID has {len(row)} levels, others have {num_levels}", key=key)
-            parsed.append(row)
-        codes = np.asarray(parsed, dtype=np.int64)
-        if level_sizes is None:
-            level_sizes = tuple(int(2 ** int(np.ceil(np.log2(max(int(m) + 1, 2))))) for m in codes.max(0))
-        elif len(level_sizes) != codes.shape[1]:
-            raise DataError(path, f"SIDs have {codes.shape[1]} levels, level_sizes gives {len(level_sizes)}")
-        else:
-            over = codes >= np.asarray(level_sizes)
-            if over.any():
-                row, lv = (int(v[0]) for v in np.nonzero(over))
-                raise DataError(
-                    path,
-                    f"code {codes[row, lv]} at level {LEVEL_PREFIXES[lv]!r} exceeds codebook "
-                    f"size {level_sizes[lv]}",
-                    key=keys[row],
-                )
+        keys, codes, level_sizes = read_sid_index_json(path, raw_ids, level_sizes)
         return cls(codes, SidVocab(tuple(level_sizes)), raw_ids=list(keys))
 
 
@@ -188,7 +142,7 @@ class SidTokenCodes:
     """Token id -> SID code lookup, one table per level (-1 for tokens that are not that level's).
 
     ``level_token_ids[l][c]`` is the token id of code ``c`` at level ``l``
-    (``sid_tokenizer.llm.sid_token_ids``). Shared by the HF logits processor, the beam-search
+    (``sid_tokenizer.vocab.sid_token_ids``). Shared by the HF logits processor, the beam-search
     ranker and the vLLM backends so that all of them read generated tokens the same way.
     """
 

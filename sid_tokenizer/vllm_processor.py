@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
+from sid_tokenizer.catalog import CatalogueFiles
 from sid_tokenizer.sid import SidIndex, SidTokenCodes
 from sid_tokenizer.trie import SidTrie
 
@@ -185,17 +186,11 @@ class ServingCatalogue:
         self.reload_seconds = reload_seconds
         self._lock = threading.Lock()
         self._checked = 0.0
-        self._stamp: tuple = ()
+        self.files = CatalogueFiles(self.checkpoint)
         self._load()
 
-    def _files_stamp(self) -> tuple:
-        return tuple(os.stat(self.dir / f).st_mtime_ns for f in ("index.json", "items.jsonl", "meta.json"))
-
     def _load(self) -> None:
-        from sid_tokenizer.llm import Catalogue
-
-        stamp = self._files_stamp()
-        cat = Catalogue.load(self.checkpoint)
+        cat = self.files.load()
         self.index: SidIndex = cat.index
         self.titles = cat.titles
         self.raw_ids = cat.raw_ids
@@ -207,7 +202,6 @@ class ServingCatalogue:
         self.items_of_category = {c: np.asarray(v, dtype=np.int64) for c, v in by_cat.items()}
         self.full = _TrieInfo(SidTrie(self.index.codes, self.index.vocab.level_sizes))
         self._subtries: OrderedDict[tuple, _TrieInfo] = OrderedDict()
-        self._stamp = stamp
         logger.info(
             "sidrec catalogue %s: %d items, %d distinct SIDs", self.dir, len(self.index), len(self.full.trie)
         )
@@ -222,18 +216,17 @@ class ServingCatalogue:
         if not force and now - self._checked < self.reload_seconds:
             return False
         self._checked = now
-        try:
-            stamp = self._files_stamp()
-        except FileNotFoundError:
-            return False
-        if stamp == self._stamp:
+        if not self.files.changed():
             return False
         with self._lock:
             try:
                 self._load()
             except Exception:  # a broken edit must not take the server down: keep serving the old one
                 logger.exception("reloading %s failed; keeping the previous catalogue", self.dir)
-                self._stamp = stamp
+                try:  # don't retry the same broken files on every request
+                    self.files.stamp = self.files.current()
+                except FileNotFoundError:
+                    pass
                 return False
         return True
 
@@ -302,7 +295,7 @@ class SidMasker:
     def __init__(
         self, catalogue: ServingCatalogue, level_token_ids: list[np.ndarray], vocab_size: int | None = None
     ) -> None:
-        """level_token_ids[l][c]: token id of code c at level l (``sid_tokenizer.llm.sid_token_ids``)."""
+        """level_token_ids[l][c]: token id of code c at level l (``sid_tokenizer.vocab.sid_token_ids``)."""
         self.catalogue = catalogue
         self.token_codes = SidTokenCodes(level_token_ids, vocab_size)
         self.level_token_ids = self.token_codes.level_token_ids
@@ -436,7 +429,7 @@ class SidTrieLogitsProcessor(LogitsProcessor):
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         from transformers import AutoTokenizer
 
-        from sid_tokenizer.llm import sid_token_ids
+        from sid_tokenizer.vocab import sid_token_ids
 
         mc = vllm_config.model_config
         self.catalogue = ServingCatalogue(os.environ.get(ENV_CHECKPOINT) or mc.model)

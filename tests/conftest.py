@@ -27,8 +27,10 @@ def run_cmd(args: list[str], cwd: Path = ROOT, timeout: int = 1200) -> subproces
     """Run a project command; fail with its output when it fails."""
     proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
-                             f"STDERR:\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(args)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+            f"STDERR:\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -37,10 +39,30 @@ def scientific_dirs(tmp_path_factory) -> dict[str, Path]:
     """outputs of `data_prep.prepare` (vendored embeddings reused) and `sid_tokenizer.build` (rkmeans)."""
     base = tmp_path_factory.mktemp("scientific")
     ds, sid = base / "dataset", base / "sid_rkmeans"
-    run_cmd([sys.executable, "-m", "data_prep.prepare", "--config", "data_prep/configs/scientific.yaml",
-             "--output_dir", str(ds)])
-    run_cmd([sys.executable, "-m", "sid_tokenizer.build", "--config", "sid_tokenizer/configs/scientific_rkmeans.yaml",
-             "--dataset_dir", str(ds), "--output_dir", str(sid)])
+    run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.prepare",
+            "--config",
+            "data_prep/configs/scientific.yaml",
+            "--output_dir",
+            str(ds),
+        ]
+    )
+    run_cmd(
+        [
+            sys.executable,
+            "-m",
+            "sid_tokenizer.build",
+            "--config",
+            "sid_tokenizer/configs/scientific_rkmeans.yaml",
+            "--dataset_dir",
+            str(ds),
+            "--output_dir",
+            str(sid),
+        ]
+    )
     return {"dataset": ds, "sid": sid, "root": base}
 
 
@@ -48,9 +70,34 @@ def scientific_dirs(tmp_path_factory) -> dict[str, Path]:
 def tiny_sft(scientific_dirs) -> Path:
     """A tiny default model trained a few steps with the SFT recipe on real Scientific data."""
     out = scientific_dirs["root"] / "sft"
-    run_cmd([sys.executable, "recipes/sft.py", "--config", "recipes/configs/sft_demo.yaml",
-             "--dataset_dir", str(scientific_dirs["dataset"]), "--sid_dir", str(scientific_dirs["sid"]),
-             "--output_dir", str(out), "--max_steps", "6", "--eval_steps", "3", "--save_steps", "3",
-             "--rank_eval_users", "8", "--max_eval_loss_users", "32", "--logging_steps", "2",
-             "--report_to", "none", "--per_device_train_batch_size", "16"])
+    run_cmd(
+        [
+            sys.executable,
+            "recipes/sft.py",
+            "--config",
+            "recipes/configs/sft_demo.yaml",
+            "--dataset_dir",
+            str(scientific_dirs["dataset"]),
+            "--sid_dir",
+            str(scientific_dirs["sid"]),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "6",
+            "--eval_steps",
+            "3",
+            "--save_steps",
+            "3",
+            "--rank_eval_users",
+            "8",
+            "--max_eval_loss_users",
+            "32",
+            "--logging_steps",
+            "2",
+            "--report_to",
+            "none",
+            "--per_device_train_batch_size",
+            "16",
+        ]
+    )
     return out

@@ -12,22 +12,28 @@ from tests.conftest import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").glob("sft_*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "recipes" / "configs").glob("sft_*.yaml")), ids=lambda p: p.name
+)
 def test_sft_recipes_parse(path):
     from trl import ModelConfig, SFTConfig, TrlParser
 
-    from data_prep.tasks import TASKS
+    from recipes.tasks import TASKS
 
     sft = load_recipe("sft")
     script, train, model = TrlParser((sft.SidSFTArgs, SFTConfig, ModelConfig)).parse_args_and_config(
-        ["--config", str(path), "--use_cpu", "true"])
+        ["--config", str(path), "--use_cpu", "true"]
+    )
     assert set(script.tasks) <= set(TASKS)
     assert train.output_dir and model.model_name_or_path
     assert not train.bf16 or "cpu" not in path.name
 
 
-EVAL_CONFIGS = [p for p in sorted((ROOT / "eval" / "configs").glob("*.yaml"))
-                if "checkpoint" in yaml.safe_load(p.read_text())]  # baselines configs: test_baselines
+EVAL_CONFIGS = [
+    p
+    for p in sorted((ROOT / "eval" / "configs").glob("*.yaml"))
+    if "checkpoint" in yaml.safe_load(p.read_text())
+]  # baselines configs: test_baselines
 
 
 @pytest.mark.parametrize("path", EVAL_CONFIGS, ids=lambda p: p.name)

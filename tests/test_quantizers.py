@@ -12,7 +12,8 @@ import pytest
 from data_prep.dataset import Item, RecDataset, leave_one_out
 from data_prep.embed import embeddings_path
 from data_prep.io import DataError
-from sid_tokenizer.build import BuildArgs, assign_new_items, build, load_sid_index
+from sid_tokenizer.build import BuildArgs, assign_new_items, build
+from sid_tokenizer.catalog import load_sid_dir
 from sid_tokenizer.collisions import (
     CollisionError,
     add_dedup_level,
@@ -237,7 +238,7 @@ def test_build_writes_sid_directory(strategy, x, tmp_path):
     assert set(report["seconds"]) >= {"load", "fit", "resolve_collisions", "write"}
     meta = json.loads((out / "meta.json").read_text())
     assert meta["counts"]["collisions_after"] == 0 and meta["inputs"]["num_items"] == 300
-    index = load_sid_index(out, dataset_dir=tmp_path / "ds")
+    index = load_sid_dir(out, RecDataset.load(tmp_path / "ds"))
     assert index.raw_ids[:2] == ["item0", "item1"] and index.num_collisions() == 0
     assert list(json.loads((out / "index.json").read_text()))[:2] == ["item0", "item1"]
     # new items get SIDs from the saved quantizer, avoiding the existing ones where possible
@@ -342,4 +343,4 @@ def test_import_lcrec_index_with_extra_level(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["collisions_before"]["collisions"] > 0 and report["collisions_after"]["collisions"] == 0
     assert report["level_sizes"][:4] == [256] * 4 and len(report["level_sizes"]) == 5
-    assert load_sid_index(out).codes.shape == (4344, 5)
+    assert load_sid_dir(out).codes.shape == (4344, 5)

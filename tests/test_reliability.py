@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sid_tokenizer.llm import load_checkpoint
+from sid_tokenizer.catalog import load_checkpoint
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -24,11 +24,36 @@ pytestmark = pytest.mark.slow
 
 def test_sft_survives_kill_9(scientific_dirs, tmp_path):
     out, max_steps = tmp_path / "sft_kill", 30
-    cmd = [sys.executable, "recipes/sft.py", "--config", "recipes/configs/sft_demo.yaml",
-           "--dataset_dir", str(scientific_dirs["dataset"]), "--sid_dir", str(scientific_dirs["sid"]),
-           "--output_dir", str(out), "--max_steps", str(max_steps), "--save_steps", "3", "--eval_strategy", "no",
-           "--load_best_model_at_end", "false", "--rank_eval_users", "0", "--logging_steps", "1",
-           "--report_to", "none", "--per_device_train_batch_size", "8", "--save_total_limit", "2"]
+    cmd = [
+        sys.executable,
+        "recipes/sft.py",
+        "--config",
+        "recipes/configs/sft_demo.yaml",
+        "--dataset_dir",
+        str(scientific_dirs["dataset"]),
+        "--sid_dir",
+        str(scientific_dirs["sid"]),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(max_steps),
+        "--save_steps",
+        "3",
+        "--eval_strategy",
+        "no",
+        "--load_best_model_at_end",
+        "false",
+        "--rank_eval_users",
+        "0",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--per_device_train_batch_size",
+        "8",
+        "--save_total_limit",
+        "2",
+    ]
     _kill_9_when(cmd, tmp_path / "run1.log", _saved(out, 6), "checkpoint-6", delay=0.3)
     assert not (out / "final").exists()
     last = _checkpoints(out)[-1]
@@ -50,13 +75,17 @@ def test_sft_survives_kill_9(scientific_dirs, tmp_path):
 
 def _env() -> dict:
     # the recipes are scripts: make the repo importable whatever the install
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
 
 
 def _run(cmd: list[str], log: Path) -> str:
     """Run to completion; the combined output (also kept in ``log``)."""
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=900)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900
+    )
     log.write_text(proc.stdout)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-6000:]}"
     return proc.stdout
@@ -65,8 +94,9 @@ def _run(cmd: list[str], log: Path) -> str:
 def _kill_9_when(cmd: list[str], log: Path, ready, what: str, delay: float = 0.0) -> None:
     """Start ``cmd`` in its own session, wait until ``ready()``, then SIGKILL its process group."""
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=_env(), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
     deadline = time.time() + 600
     try:
         while not ready():
@@ -112,7 +142,9 @@ def _assert_finished_intact(out: Path, max_steps: int) -> dict:
     return state
 
 
-def _rerun_after_completion_then_restage_final(cmd: list[str], out: Path, max_steps: int, tmp_path: Path) -> None:
+def _rerun_after_completion_then_restage_final(
+    cmd: list[str], out: Path, max_steps: int, tmp_path: Path
+) -> None:
     """A finished run rerun: nothing trained (a Trainer resumed at max_steps runs one step more),
     final/ and the logs untouched. Then a kill while final/ was being staged (after the last
     checkpoint): the rerun saves final/ again from the checkpoints, byte-identical."""
@@ -133,10 +165,31 @@ def _rerun_after_completion_then_restage_final(cmd: list[str], out: Path, max_st
 
 
 def _rl_cmd(config: str, tiny_sft: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "recipes/rl.py", "--config", config, "--model_name_or_path", str(tiny_sft / "final"),
-            "--output_dir", str(out), "--save_steps", "3", "--eval_steps", "3", "--save_total_limit", "2",
-            "--rank_eval_users", "8", "--rank_eval_beams", "10", "--logging_steps", "1",
-            "--report_to", "none", *extra]
+    return [
+        sys.executable,
+        "recipes/rl.py",
+        "--config",
+        config,
+        "--model_name_or_path",
+        str(tiny_sft / "final"),
+        "--output_dir",
+        str(out),
+        "--save_steps",
+        "3",
+        "--eval_steps",
+        "3",
+        "--save_total_limit",
+        "2",
+        "--rank_eval_users",
+        "8",
+        "--rank_eval_beams",
+        "10",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+        *extra,
+    ]
 
 
 def _resumed_from(log: str) -> int:
@@ -147,10 +200,27 @@ def _resumed_from(log: str) -> int:
 
 def test_grpo_survives_kill_9(tiny_sft, tmp_path):
     out, max_steps = tmp_path / "grpo_kill", 30
-    cmd = _rl_cmd("recipes/configs/grpo_demo.yaml", tiny_sft, out, "--max_steps", str(max_steps),
-                  "--rollout", "beam", "--num_generations", "4", "--per_device_train_batch_size", "8",
-                  "--per_device_eval_batch_size", "8", "--num_train_prompts", "64", "--eval_prompts", "4",
-                  "--eval_on_start", "true")
+    cmd = _rl_cmd(
+        "recipes/configs/grpo_demo.yaml",
+        tiny_sft,
+        out,
+        "--max_steps",
+        str(max_steps),
+        "--rollout",
+        "beam",
+        "--num_generations",
+        "4",
+        "--per_device_train_batch_size",
+        "8",
+        "--per_device_eval_batch_size",
+        "8",
+        "--num_train_prompts",
+        "64",
+        "--eval_prompts",
+        "4",
+        "--eval_on_start",
+        "true",
+    )
     _kill_9_when(cmd, tmp_path / "run1.log", _saved(out, 6), "checkpoint-6", delay=0.3)
     assert not (out / "final").exists()
 
@@ -164,15 +234,34 @@ def test_grpo_survives_kill_9(tiny_sft, tmp_path):
 
 def test_dpo_survives_kill_9_while_mining_and_training(tiny_sft, tmp_path):
     out, max_steps, prompts, negatives = tmp_path / "dpo_kill", 24, 24, 2
-    cmd = _rl_cmd("recipes/configs/dpo_demo.yaml", tiny_sft, out, "--max_steps", str(max_steps),
-                  "--num_train_prompts", str(prompts), "--eval_prompts", "8", "--num_negatives", str(negatives),
-                  "--mining_beams", "5", "--mining_batch_size", "8", "--per_device_train_batch_size", "4",
-                  "--per_device_eval_batch_size", "8")
+    cmd = _rl_cmd(
+        "recipes/configs/dpo_demo.yaml",
+        tiny_sft,
+        out,
+        "--max_steps",
+        str(max_steps),
+        "--num_train_prompts",
+        str(prompts),
+        "--eval_prompts",
+        "8",
+        "--num_negatives",
+        str(negatives),
+        "--mining_beams",
+        "5",
+        "--mining_batch_size",
+        "8",
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "8",
+    )
     pairs = out / "pairs_train.jsonl"
 
     def complete_pairs() -> list[dict]:
         rows = [json.loads(line) for line in pairs.read_text().splitlines()]
-        assert len(rows) == prompts * negatives and all({"prompt", "chosen", "rejected"} <= set(r) for r in rows)
+        assert len(rows) == prompts * negatives and all(
+            {"prompt", "chosen", "rejected"} <= set(r) for r in rows
+        )
         return rows
 
     # 1. killed while mining the training pairs

@@ -1,4 +1,4 @@
-"""Rule-based RL rewards on hand-made catalogues (eval.rewards)."""
+"""Rule-based RL rewards on hand-made catalogues (recipes.rewards)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import pytest
 
-from eval.rewards import REWARDS, RewardContext, bind_rewards, catalogue_items, parse_sid, rank_penalties
+from recipes.rewards import REWARDS, RewardContext, bind_rewards, catalogue_items, parse_sid, rank_penalties
 from sid_tokenizer.sid import SidIndex, SidVocab
 
 # items 0..4; items 3 and 4 share the SID (1, 1, 0) (a collision)

@@ -1,4 +1,4 @@
-"""RL after SFT (recipes/rl.py, eval.rl): prompts, constrained log-probs, a few GRPO and DPO steps."""
+"""RL after SFT (recipes/rl.py and the recipes package): prompts, constrained log-probs, a few GRPO and DPO steps."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from eval.rewards import REWARDS, catalogue_items, completion_text
-from eval.rl import SidConstraint, add_constrained_lm_head, rl_prompt_rows
+from recipes.constrained_logps import add_constrained_lm_head
+from recipes.rewards import REWARDS, catalogue_items, completion_text
+from recipes.rl_data import rl_prompt_rows
+from sid_tokenizer.constrained import SidConstraint
 from sid_tokenizer.sid import SidIndex, SidVocab
 from tests.conftest import load_recipe, run_cmd
 
@@ -28,7 +30,7 @@ RL_CONFIGS = sorted((ROOT / "recipes" / "configs").glob("grpo_*.yaml")) + sorted
 @pytest.mark.parametrize("path", RL_CONFIGS, ids=lambda p: p.name)
 def test_rl_recipes_parse(path):
     rl = load_recipe("rl")
-    script, train, model = rl.parse_args(["--config", str(path)])
+    script, train, model = rl.parse_rl_args(["--config", str(path)])
     assert path.name.startswith(script.algorithm)
     assert type(train).__name__ == {"grpo": "GRPOConfig", "dpo": "DPOConfig"}[script.algorithm]
     assert model.model_name_or_path.endswith("final") and train.output_dir
@@ -47,14 +49,14 @@ def test_rl_recipes_parse(path):
 
 def test_cli_overrides_pick_the_config_class():
     rl = load_recipe("rl")
-    script, train, _ = rl.parse_args(["--config", "recipes/configs/dpo_demo.yaml", "--beta", "0.2"])
+    script, train, _ = rl.parse_rl_args(["--config", "recipes/configs/dpo_demo.yaml", "--beta", "0.2"])
     assert script.algorithm == "dpo" and type(train).__name__ == "DPOConfig" and train.beta == 0.2
-    script, train, _ = rl.parse_args(["--config", "recipes/configs/grpo_demo.yaml", "--rollout", "sample"])
+    script, train, _ = rl.parse_rl_args(["--config", "recipes/configs/grpo_demo.yaml", "--rollout", "sample"])
     assert type(train).__name__ == "GRPOConfig" and script.rollout == "sample"
     with pytest.raises(ValueError, match="num_generations"):  # GRPO fields are not DPO fields
-        rl.parse_args(["--config", "recipes/configs/grpo_demo.yaml", "--algorithm", "dpo"])
+        rl.parse_rl_args(["--config", "recipes/configs/grpo_demo.yaml", "--algorithm", "dpo"])
     with pytest.raises(ValueError, match="algorithm must be one of"):
-        rl.parse_args(["--config", "recipes/configs/grpo_demo.yaml", "--algorithm", "ppo"])
+        rl.parse_rl_args(["--config", "recipes/configs/grpo_demo.yaml", "--algorithm", "ppo"])
 
 
 def test_rl_prompts_come_from_training_sequences_only():
@@ -85,7 +87,8 @@ class _OneProcess:
 
 
 def test_mined_pairs_are_cached_and_checked_against_the_run(tmp_path):
-    rl = load_recipe("rl")
+    from recipes.dpo import mined_pairs
+
     rows = [{"prompt": f"<|rec|><a_{i}>", "target_item": i} for i in range(4)]
     calls = []
 
@@ -107,20 +110,20 @@ def test_mined_pairs_are_cached_and_checked_against_the_run(tmp_path):
         return run
 
     path = tmp_path / "pairs_train.jsonl"
-    pairs = rl.mined_pairs(path, _OneProcess, rows, mine(rows), num_negatives=2, num_beams=5)
+    pairs = mined_pairs(path, _OneProcess, rows, mine(rows), num_negatives=2, num_beams=5)
     assert len(pairs) == 8 and calls == [4]
-    assert rl.mined_pairs(path, _OneProcess, rows, mine(rows), 2, 5) == pairs and calls == [4]  # reused
+    assert mined_pairs(path, _OneProcess, rows, mine(rows), 2, 5) == pairs and calls == [4]  # reused
     with pytest.raises(ValueError, match="mined for another run.*prompts not in"):
-        rl.mined_pairs(path, _OneProcess, rows[:2] + [{"prompt": "x", "target_item": 9}], mine(rows), 2, 5)
+        mined_pairs(path, _OneProcess, rows[:2] + [{"prompt": "x", "target_item": 9}], mine(rows), 2, 5)
     with pytest.raises(ValueError, match="num_negatives=1"):
-        rl.mined_pairs(path, _OneProcess, rows, mine(rows), 1, 5)
+        mined_pairs(path, _OneProcess, rows, mine(rows), 1, 5)
     with pytest.raises(ValueError, match="mining_beams=1"):
-        rl.mined_pairs(path, _OneProcess, rows, mine(rows), 2, 1)
+        mined_pairs(path, _OneProcess, rows, mine(rows), 2, 1)
     assert calls == [4] and [p.name for p in tmp_path.iterdir()] == ["pairs_train.jsonl"]
 
 
 def test_output_dir_of_a_killed_run_is_cleaned_to_the_last_complete_checkpoint(tmp_path):
-    from eval import training as tr
+    from recipes import training as tr
 
     rl = load_recipe("rl")
     out = tmp_path / "rl"
@@ -142,7 +145,7 @@ def test_output_dir_of_a_killed_run_is_cleaned_to_the_last_complete_checkpoint(t
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "pairs_eval.jsonl"]
     last = tr.last_complete_checkpoint(out)
     assert last == str(out / "checkpoint-2")
-    _, grpo, _ = rl.parse_args(["--config", "recipes/configs/grpo_demo.yaml", "--max_steps", "6"])
+    _, grpo, _ = rl.parse_rl_args(["--config", "recipes/configs/grpo_demo.yaml", "--max_steps", "6"])
     assert tr.finished_state(last, grpo) is None
     grpo.max_steps = 2
     assert tr.finished_state(last, grpo)["global_step"] == 2
@@ -164,7 +167,7 @@ def _first_rows(dataset_dir, index, n=6):
 @pytest.mark.slow
 def test_constrained_logprobs_match_a_masked_softmax(tiny_sft, scientific_dirs):
     """The patched head returns log softmax over the trie-allowed tokens, position by position."""
-    from sid_tokenizer.llm import load_checkpoint
+    from sid_tokenizer.catalog import load_checkpoint
 
     model, tok, cat = load_checkpoint(tiny_sft / "final")
     constraint = SidConstraint(cat.index, tok, model.config.vocab_size)
@@ -250,7 +253,7 @@ def _run_grpo(
     if rollout == "beam":
         rewards["rank"] = "1.0"  # needs beam_rank
     args += ["--reward_funcs", *rewards, "--reward_weights", *rewards.values()]
-    rl.main(*rl.parse_args(args))
+    rl.main(*rl.parse_rl_args(args))
     return out, seen
 
 
@@ -259,7 +262,7 @@ def _run_grpo(
     "rollout,prompt_format", [("beam", "seq2seq"), ("sample", "seq2seq"), ("beam", "chat")]
 )
 def test_grpo_rewards_only_see_catalogue_items(tiny_sft, tmp_path, monkeypatch, rollout, prompt_format):
-    from sid_tokenizer.llm import Catalogue
+    from sid_tokenizer.catalog import Catalogue
 
     out, seen = _run_grpo(tmp_path, tiny_sft, monkeypatch, rollout, steps=2, prompt_format=prompt_format)
     index = Catalogue.load(tiny_sft / "final").index
@@ -305,7 +308,7 @@ def test_resumed_grpo_run_equals_an_uninterrupted_one(tiny_sft, tmp_path):
             "--rank_eval_beams", "10", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1",
             "--load_best_model_at_end", "false", "--report_to", "none", "--max_steps", str(steps),
         ]  # fmt: skip
-        rl.main(*rl.parse_args(args))
+        rl.main(*rl.parse_rl_args(args))
         state = json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())
         return [(r["step"], r["loss"], r["reward"], r["kl"]) for r in state["log_history"] if "loss" in r]
 
@@ -320,7 +323,7 @@ def test_resumed_grpo_run_equals_an_uninterrupted_one(tiny_sft, tmp_path):
 
 @pytest.mark.slow
 def test_dpo_mines_pairs_trains_resumes_and_saves(tiny_sft, tmp_path):
-    from sid_tokenizer.llm import Catalogue
+    from sid_tokenizer.catalog import Catalogue
 
     out = tmp_path / "dpo"
     base = [
@@ -374,7 +377,7 @@ def test_dpo_mines_pairs_trains_resumes_and_saves(tiny_sft, tmp_path):
 
 def test_rl_report_merges_eval_outputs(tmp_path):
     from data_prep.io import atomic_write_json
-    from eval.rl import RLReportArgs, write_rl_report
+    from eval.rl_report import RLReportArgs, write_rl_report
 
     def row(model, split, ndcg):
         cell = {"value": ndcg, "ci_low": ndcg - 0.01, "ci_high": ndcg + 0.01}
@@ -399,7 +402,7 @@ def test_rl_report_merges_eval_outputs(tmp_path):
 
 @pytest.mark.slow
 def test_paired_differences_of_a_checkpoint_to_itself_are_zero(tiny_sft, tmp_path):
-    from eval.rl import RLReportArgs, paired_differences, paired_markdown
+    from eval.rl_report import RLReportArgs, paired_differences, paired_markdown
 
     ckpt = str(tiny_sft / "final")
     args = RLReportArgs(inputs=[], paired=[f"A={ckpt}", f"B={ckpt}"], paired_max_users=8, num_beams=5)
@@ -416,9 +419,8 @@ def test_paired_differences_of_a_checkpoint_to_itself_are_zero(tiny_sft, tmp_pat
 @pytest.mark.slow
 def test_sasrec_scorer_feeds_the_collaborative_reward(scientific_dirs):
     from data_prep.dataset import RecDataset
-    from eval.rewards import RewardContext, bind_rewards
-    from eval.rl import sasrec_item_scorer
-    from eval.training import load_sid_dir
+    from recipes.rewards import RewardContext, bind_rewards, sasrec_item_scorer
+    from sid_tokenizer.catalog import load_sid_dir
 
     ds = RecDataset.load(scientific_dirs["dataset"])
     index = load_sid_dir(scientific_dirs["sid"], ds)

@@ -29,7 +29,7 @@ def test_serve_configs_parse(path):
 
 
 def test_server_command_loads_processor_and_guard():
-    from eval.client import MIDDLEWARE, PROCESSOR, ServerConfig
+    from recipes.server import MIDDLEWARE, PROCESSOR, ServerConfig
 
     cfg = ServerConfig(checkpoint="ckpt", port=1234, extra_args=["--seed", "1"])
     cmd = cfg.command()
@@ -46,7 +46,8 @@ def test_server_command_loads_processor_and_guard():
 @pytest.fixture(scope="module")
 def served(tiny_sft, tmp_path_factory):
     """A copy of the tiny checkpoint (new items are added to it) served on a free port."""
-    from eval.client import ServerConfig, SidRecClient, free_port, start_server
+    from recipes.client import SidRecClient
+    from recipes.server import ServerConfig, free_port, start_server
 
     ckpt = tmp_path_factory.mktemp("served") / "final"
     shutil.copytree(tiny_sft / "final", ckpt)
@@ -223,7 +224,10 @@ BAD_PARAMS = {
     "sid_count>100": ({"vllm_xargs": {"sid_constrained": 1, "sid_count": 200}}, 400),
     "sid_prefix_len=inf": ({"vllm_xargs": {"sid_constrained": 1, "sid_prefix_len": "@inf"}}, 400),
     "vllm_xargs nested": ({"vllm_xargs": {"sid_constrained": {"a": 1}}}, 400),
-    "bad vllm_xargs, streamed": ({"stream": True, "vllm_xargs": {"sid_constrained": 1, "sid_items": "nope"}}, 400),
+    "bad vllm_xargs, streamed": (
+        {"stream": True, "vllm_xargs": {"sid_constrained": 1, "sid_items": "nope"}},
+        400,
+    ),
     "beam search + constraint": ({"use_beam_search": True, "n": 2, "temperature": 0.0}, 400),
 }
 MALFORMED = {
@@ -239,7 +243,9 @@ MALFORMED = {
 def _post(server, path: str, body: bytes, content_type: str = "application/json"):
     import httpx
 
-    return httpx.post(server.base_url + path, content=body, headers={"content-type": content_type}, timeout=120)
+    return httpx.post(
+        server.base_url + path, content=body, headers={"content-type": content_type}, timeout=120
+    )
 
 
 @pytest.mark.slow
@@ -300,7 +306,7 @@ def test_oversized_prompts_get_400_and_the_server_stays_up(served):
 def test_new_items_become_recommendable_after_catalogue_reload(served, scientific_dirs, tmp_path):
     import openai
 
-    from sid_tokenizer.llm import Catalogue
+    from sid_tokenizer.catalog import Catalogue
     from sid_tokenizer.new_items import add_items
 
     server, client, ckpt = served

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from data_prep.dataset import RecDataset
-from data_prep.tasks import seq2seq_prompt
 from eval.generate import SidRanker, evaluate_examples
+from sid_tokenizer.catalog import load_checkpoint
 from sid_tokenizer.constrained import SidLogitsProcessor
-from sid_tokenizer.llm import load_checkpoint, sid_token_ids
+from sid_tokenizer.prompts import seq2seq_prompt
+from sid_tokenizer.vocab import sid_token_ids
 from tests.conftest import run_cmd
 
 pytestmark = pytest.mark.slow
@@ -21,7 +22,13 @@ pytestmark = pytest.mark.slow
 
 def test_sft_writes_checkpoint_with_catalogue_and_ranking_metrics(tiny_sft):
     final = tiny_sft / "final"
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "sidrec/index.json", "sidrec/items.jsonl"):
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "sidrec/index.json",
+        "sidrec/items.jsonl",
+    ):
         assert (final / f).exists(), f
     state = json.loads(sorted(tiny_sft.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
     evals = [r for r in state["log_history"] if "eval_NDCG@10" in r]
@@ -56,7 +63,9 @@ def test_constrained_beam_search_returns_distinct_catalogue_items(tiny_sft, scie
         assert len(set(row)) == 20  # 20 distinct items
     assert res["valid_rate"] == 1.0
     # the same beams without the trie constraint: validity is measured, not assumed
-    free = evaluate_examples(ranker, ds.test[:12], num_beams=20, batch_size=6, constrained=False, progress=False)
+    free = evaluate_examples(
+        ranker, ds.test[:12], num_beams=20, batch_size=6, constrained=False, progress=False
+    )
     assert 0.0 <= free["valid_rate"] <= 1.0
 
 
@@ -83,9 +92,14 @@ def test_processor_constrains_greedy_and_sampling(tiny_sft, scientific_dirs, mod
     plen = batch["input_ids"].shape[1]
     proc = SidLogitsProcessor(ranker.trie, sid_token_ids(tok, cat.index.vocab), plen, tok.eos_token_id)
     torch.manual_seed(0)
-    out = model.generate(**batch, max_new_tokens=cat.index.vocab.num_levels + 1, logits_processor=[proc],
-                         do_sample=mode == "sample", temperature=1.5 if mode == "sample" else None,
-                         pad_token_id=tok.pad_token_id)
+    out = model.generate(
+        **batch,
+        max_new_tokens=cat.index.vocab.num_levels + 1,
+        logits_processor=[proc],
+        do_sample=mode == "sample",
+        temperature=1.5 if mode == "sample" else None,
+        pad_token_id=tok.pad_token_id,
+    )
     gen = out[:, plen:]
     sids = ranker.decode_codes(gen[:, : cat.index.vocab.num_levels].numpy())
     assert all(s is not None for s in sids)
@@ -95,12 +109,38 @@ def test_processor_constrains_greedy_and_sampling(tiny_sft, scientific_dirs, mod
 
 def test_sft_resumes_from_last_checkpoint(tiny_sft, scientific_dirs):
     # the fixture ran 6 steps with checkpoints every 3: ask for 8 steps, it must continue from step 6
-    proc = run_cmd([sys.executable, "recipes/sft.py", "--config", "recipes/configs/sft_demo.yaml",
-                    "--dataset_dir", str(scientific_dirs["dataset"]), "--sid_dir", str(scientific_dirs["sid"]),
-                    "--output_dir", str(tiny_sft), "--max_steps", "8", "--eval_steps", "100", "--save_steps", "4",
-                    "--rank_eval_users", "0", "--max_eval_loss_users", "16", "--logging_steps", "1",
-                    "--report_to", "none", "--per_device_train_batch_size", "16",
-                    "--load_best_model_at_end", "false"])
+    proc = run_cmd(
+        [
+            sys.executable,
+            "recipes/sft.py",
+            "--config",
+            "recipes/configs/sft_demo.yaml",
+            "--dataset_dir",
+            str(scientific_dirs["dataset"]),
+            "--sid_dir",
+            str(scientific_dirs["sid"]),
+            "--output_dir",
+            str(tiny_sft),
+            "--max_steps",
+            "8",
+            "--eval_steps",
+            "100",
+            "--save_steps",
+            "4",
+            "--rank_eval_users",
+            "0",
+            "--max_eval_loss_users",
+            "16",
+            "--logging_steps",
+            "1",
+            "--report_to",
+            "none",
+            "--per_device_train_batch_size",
+            "16",
+            "--load_best_model_at_end",
+            "false",
+        ]
+    )
     assert "resuming from" in proc.stderr and "checkpoint-6" in proc.stderr
     state = json.loads((tiny_sft / "checkpoint-8" / "trainer_state.json").read_text())
     steps = [r["step"] for r in state["log_history"] if "loss" in r]
@@ -110,12 +150,42 @@ def test_sft_resumes_from_last_checkpoint(tiny_sft, scientific_dirs):
 
 def test_lora_with_new_sid_rows(scientific_dirs, tmp_path):
     out = tmp_path / "lora"
-    run_cmd([sys.executable, "recipes/sft.py", "--config", "recipes/configs/sft_demo.yaml",
-             "--dataset_dir", str(scientific_dirs["dataset"]), "--sid_dir", str(scientific_dirs["sid"]),
-             "--output_dir", str(out), "--max_steps", "2", "--rank_eval_users", "0", "--eval_strategy", "no",
-             "--load_best_model_at_end", "false", "--report_to", "none", "--use_peft", "true",
-             "--lora_r", "8", "--lora_target_modules", "q_proj", "v_proj",
-             "--lora_modules_to_save", "embed_tokens", "lm_head", "--per_device_train_batch_size", "8"])
+    run_cmd(
+        [
+            sys.executable,
+            "recipes/sft.py",
+            "--config",
+            "recipes/configs/sft_demo.yaml",
+            "--dataset_dir",
+            str(scientific_dirs["dataset"]),
+            "--sid_dir",
+            str(scientific_dirs["sid"]),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--rank_eval_users",
+            "0",
+            "--eval_strategy",
+            "no",
+            "--load_best_model_at_end",
+            "false",
+            "--report_to",
+            "none",
+            "--use_peft",
+            "true",
+            "--lora_r",
+            "8",
+            "--lora_target_modules",
+            "q_proj",
+            "v_proj",
+            "--lora_modules_to_save",
+            "embed_tokens",
+            "lm_head",
+            "--per_device_train_batch_size",
+            "8",
+        ]
+    )
     assert (out / "final_adapter" / "adapter_config.json").exists()
     assert (out / "final" / "config.json").exists()  # merged, servable
     assert (out / "final" / "sidrec" / "index.json").exists()

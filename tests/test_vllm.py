@@ -47,7 +47,8 @@ CATEGORIES = [["Tools", "Staples"] if i < 4 else ["Tools", "Tape"] if i < 8 else
 @pytest.fixture(scope="module")
 def mini_ckpt(tmp_path_factory):
     """A checkpoint directory without weights: tokenizer with SID tokens + sidrec/ catalogue."""
-    from sid_tokenizer.llm import REC_TOKEN, train_catalogue_tokenizer
+    from recipes.model import train_catalogue_tokenizer
+    from sid_tokenizer.prompts import REC_TOKEN
 
     d = tmp_path_factory.mktemp("mini") / "ckpt"
     vocab = SidVocab(LEVELS)
@@ -330,7 +331,11 @@ def test_prompt_guard_rejects_what_would_crash_or_escape_the_constraint(mini_ckp
     for xargs in ({"sid_constrained": 1, "sid_items": "nope"}, {"sid_constrained": 1, "sid_count": "x"}):
         status, text = call(json.dumps({**chat, "stream": True, "vllm_xargs": xargs}).encode())
         assert status == 400 and "vllm_xargs.sid_" in text
-    ok = {**chat, "stream": True, "vllm_xargs": {"sid_constrained": 1, "sid_items": "P01,P02", "sid_count": 2}}
+    ok = {
+        **chat,
+        "stream": True,
+        "vllm_xargs": {"sid_constrained": 1, "sid_items": "P01,P02", "sid_count": 2},
+    }
     assert call(json.dumps(ok).encode())[0] == 299
     beam = {**chat, "use_beam_search": True, "n": 2, "vllm_xargs": {"sid_constrained": 1}}
     status, text = call(json.dumps(beam).encode())
@@ -346,7 +351,7 @@ def test_prompt_guard_rejects_what_would_crash_or_escape_the_constraint(mini_ckp
 @pytest.fixture(scope="module")
 def offline(tiny_sft):
     from eval.vllm_backend import VllmSidRanker, load_vllm, shutdown_vllm
-    from sid_tokenizer.llm import load_checkpoint
+    from sid_tokenizer.catalog import load_checkpoint
 
     ckpt = tiny_sft / "final"
     model, tok, cat = load_checkpoint(ckpt)
@@ -385,7 +390,7 @@ def test_offline_backend_matches_hf_metrics_with_valid_distinct_items(offline, s
 @pytest.mark.slow
 def test_offline_sampling_and_unconstrained_contrast(offline, scientific_dirs):
     from data_prep.dataset import RecDataset
-    from data_prep.tasks import seq2seq_prompt
+    from sid_tokenizer.prompts import seq2seq_prompt
 
     examples = RecDataset.load(scientific_dirs["dataset"]).test[:6]
     prompts = [seq2seq_prompt(offline.cat.index, e.history) for e in examples]

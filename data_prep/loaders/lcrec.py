@@ -44,18 +44,23 @@ def read_interactions(inter_path: str | Path, min_len: int = 3) -> dict[str, lis
         if not isinstance(seq, list):
             raise DataError(inter_path, f"expected a list of item ids, got {type(seq).__name__}", key=user)
         if len(seq) < min_len:
-            raise DataError(inter_path, f"history of {len(seq)} item(s); leave-one-out needs at least "
-                            f"{min_len} (train, valid, test)", key=user)
+            raise DataError(
+                inter_path,
+                f"history of {len(seq)} item(s); leave-one-out needs at least {min_len} (train, valid, test)",
+                key=user,
+            )
         for pos, i in enumerate(seq):
             if not isinstance(i, int | str) or isinstance(i, bool):
-                raise DataError(inter_path, f"item id at position {pos} is {i!r}, expected int or string",
-                                key=user)
+                raise DataError(
+                    inter_path, f"item id at position {pos} is {i!r}, expected int or string", key=user
+                )
         out[str(user)] = [str(i) for i in seq]
     return out
 
 
-def load_lcrec(inter_path: str | Path, item_path: str | Path | None = None, name: str | None = None,
-               min_len: int = 3) -> RecDataset:
+def load_lcrec(
+    inter_path: str | Path, item_path: str | Path | None = None, name: str | None = None, min_len: int = 3
+) -> RecDataset:
     """Load an LC-Rec dataset; with ``item_path`` None the dataset is interactions-only."""
     inter_path = Path(inter_path)
     interactions = read_interactions(inter_path, min_len=min_len)
@@ -69,21 +74,36 @@ def load_lcrec(inter_path: str | Path, item_path: str | Path | None = None, name
     items = []
     for r in raw_ids:
         f = catalogue.get(r, {})
-        items.append(Item(item_id=dense[r], raw_id=r, title=clean_text(f.get("title")),
-                          description=clean_text(f.get("description")), brand=clean_text(f.get("brand")),
-                          categories=split_categories(f.get("categories"))))
+        items.append(
+            Item(
+                item_id=dense[r],
+                raw_id=r,
+                title=clean_text(f.get("title")),
+                description=clean_text(f.get("description")),
+                brand=clean_text(f.get("brand")),
+                categories=split_categories(f.get("categories")),
+            )
+        )
     users = _sort_ids(list(interactions))
     sequences = []
     for u in users:
         seq = []
         for pos, r in enumerate(interactions[u]):
             if r not in dense:
-                raise DataError(inter_path, f"item id {r!r} at position {pos} is not in the catalogue "
-                                f"{item_path}", key=u)
+                raise DataError(
+                    inter_path, f"item id {r!r} at position {pos} is not in the catalogue {item_path}", key=u
+                )
             seq.append(dense[r])
         sequences.append(seq)
     train, valid, test = leave_one_out(sequences)
     source = {"format": "lcrec", "inter": str(inter_path), "items": str(item_path) if item_path else None}
-    return RecDataset(name=name or inter_path.name.split(".")[0], items=items, sequences=sequences,
-                      user_raw_ids=users, train=train, valid=valid, test=test,
-                      meta={"source": source, "split": "leave_one_out", "has_text": item_path is not None})
+    return RecDataset(
+        name=name or inter_path.name.split(".")[0],
+        items=items,
+        sequences=sequences,
+        user_raw_ids=users,
+        train=train,
+        valid=valid,
+        test=test,
+        meta={"source": source, "split": "leave_one_out", "has_text": item_path is not None},
+    )

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING
 from data_prep.dataset import Example, Item, RecDataset
 from data_prep.io import DataError
 from data_prep.loaders.lcrec import _sort_ids, read_catalogue
+from data_prep.sid_json import read_sid_index_json, sid_token
 from data_prep.text import clean_text, split_categories
-from sid_tokenizer.sid import SidIndex
 
 if TYPE_CHECKING:
     from data_prep.prepare import PrepareArgs
@@ -188,8 +188,8 @@ def load_minionerec(
     catalogue = read_catalogue(item_path)
     raw_ids = _sort_ids(list(catalogue))
     dense = {r: d for d, r in enumerate(raw_ids)}
-    index = SidIndex.load(index_path, raw_ids=raw_ids)
-    sids = [index.sid(i) for i in range(len(index))]
+    _, codes, _ = read_sid_index_json(index_path, raw_ids=raw_ids)
+    sids = ["".join(sid_token(lv, c) for lv, c in enumerate(row)) for row in codes.tolist()]
     items = [
         Item(
             item_id=dense[r],
@@ -262,7 +262,7 @@ def load_minionerec(
         "has_text": True,
         "sid_index": SID_INDEX_FILE,
         "sid_index_source": str(index_path),
-        "sid_collisions": index.num_collisions(),
+        "sid_collisions": len(codes) - len(set(map(tuple, codes.tolist()))),
     }
     return RecDataset(
         name=name or item_path.name.split(".")[0],

@@ -2,7 +2,7 @@
 
 Every reward has TRL's GRPO signature ``f(prompts, completions, completion_ids, **kw) -> list[float]``
 (one value per completion) where ``kw`` holds the dataset's extra columns, one value per
-completion. The RL prompts (``eval.rl.rl_prompt_rows``) carry ``target_item`` (the true next
+completion. The RL prompts (``recipes.rl_data.rl_prompt_rows``) carry ``target_item`` (the true next
 item id) and ``history`` (item ids); beam rollouts add ``beam_rank`` (1 = the model's best beam).
 The catalogue is bound once per run with ``bind_rewards``; YAML recipes pick and weight them::
 
@@ -35,7 +35,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
+from data_prep.dataset import RecDataset
 from sid_tokenizer.sid import LEVEL_PREFIXES, SidIndex
 
 _TOKEN = re.compile(r"<([a-z])_(\d+)>")
@@ -211,3 +213,28 @@ class BoundReward:
 def bind_rewards(names: Sequence[str], ctx: RewardContext) -> list[BoundReward]:
     """Registry names (``reward_funcs`` in a recipe) -> reward callables over the catalogue ``ctx``."""
     return [BoundReward(name, ctx) for name in names]
+
+
+def sasrec_item_scorer(
+    dataset: RecDataset, seed: int = 0, **config: Any
+) -> Callable[[list[list[int]]], np.ndarray]:
+    """Fit SASRec on the training sequences (``eval.baselines``, early-stopped on validation) and
+    return histories -> (B, num_items) scores, for the ``collaborative`` reward."""
+    from eval.baselines import SASRec, SASRecConfig
+
+    sasrec = SASRec(SASRecConfig(**config), seed=seed)
+    sasrec.fit(dataset, "valid")
+    net, max_len = sasrec.model, sasrec.cfg.max_len
+    net.eval()
+
+    @torch.no_grad()
+    def score(histories: list[list[int]]) -> np.ndarray:
+        lens = [max(min(len(h), max_len), 1) for h in histories]
+        seq = torch.zeros(len(histories), max(lens), dtype=torch.long)
+        for r, h in enumerate(histories):
+            tail = [i + 1 for i in h[-max_len:]]  # SASRec shifts ids by one (0 = padding)
+            seq[r, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+        hidden = net(seq)[torch.arange(len(histories)), torch.tensor(lens) - 1]
+        return net.scores(hidden)[:, 1:].float().numpy()
+
+    return score

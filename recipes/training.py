@@ -1,10 +1,14 @@
-"""Evaluation inside training: ranking metrics at each eval, SID loading, curves.
+"""Run machinery shared by the SFT and RL recipes: ranking eval inside training, resumable runs,
+the final model, training curves.
 
 ``RankingEvalMixin`` adds HR@K/NDCG@K from constrained beam search on a fixed subset of
 validation users to ``Trainer.evaluate``; the metrics are logged and returned, so
 ``metric_for_best_model: eval_NDCG@10`` with ``load_best_model_at_end`` selects checkpoints
 on ranking quality rather than loss (small from-scratch decoders overfit quickly).
 Under DDP every process ranks the same users, so all ranks agree on the best checkpoint.
+
+Resumable runs: a run killed at any point (kill -9) is rerun with the same command and resumes
+from its last complete checkpoint; ``final/`` only ever exists complete (``save_final``).
 """
 
 from __future__ import annotations
@@ -15,33 +19,15 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from transformers import TrainerCallback
-from trl import SFTTrainer
 
-from data_prep.dataset import RecDataset
 from data_prep.io import atomic_write_bytes
-from sid_tokenizer.llm import copy_catalogue
-from sid_tokenizer.sid import SidIndex, SidVocab
+from sid_tokenizer.catalog import copy_catalogue
 
 logger = logging.getLogger(__name__)
-
-
-def load_sid_dir(sid_dir: str | Path, dataset: RecDataset) -> SidIndex:
-    """The SID index written by ``sid_tokenizer.build`` (``<sid_dir>/index.json``), aligned to
-    the dataset's items; level sizes come from ``meta.json`` when present."""
-    from data_prep.io import read_json
-
-    sid_dir = Path(sid_dir)
-    meta_path = sid_dir / "meta.json"
-    level_sizes = None
-    if meta_path.exists():
-        meta = read_json(meta_path)
-        level_sizes = meta.get("level_sizes")
-    return SidIndex.load(sid_dir / "index.json", raw_ids=[it.raw_id for it in dataset.items],
-                         level_sizes=tuple(level_sizes) if level_sizes else None)
 
 
 class RankingEvalMixin:
@@ -58,13 +44,20 @@ class RankingEvalMixin:
         dataset, index, examples, args = self.rank_eval
         model = self.accelerator.unwrap_model(self.model)
         ranker = SidRanker(model, self.processing_class, index)
-        res = evaluate_examples(ranker, examples[: args.rank_eval_users], max_history=args.max_history,
-                                num_beams=args.rank_eval_beams, batch_size=16, progress=False)
+        res = evaluate_examples(
+            ranker,
+            examples[: args.rank_eval_users],
+            max_history=args.max_history,
+            num_beams=args.rank_eval_beams,
+            batch_size=16,
+            progress=False,
+        )
         return {f"{prefix}_{k}": float(res[k]) for k in ("HR@5", "HR@10", "NDCG@5", "NDCG@10", "HR@20")}
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        metrics = super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
-                                   metric_key_prefix=metric_key_prefix)
+        metrics = super().evaluate(
+            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
         if self.rank_eval is not None and metric_key_prefix == "eval":
             extra = self.ranking_metrics(metric_key_prefix)
             self.log(extra)
@@ -87,28 +80,28 @@ class CatalogueCallback(TrainerCallback):
         return control
 
 
-class SidSFTTrainer(RankingEvalMixin, SFTTrainer):
-    """SFTTrainer whose evaluation also reports full-catalogue ranking metrics."""
+# One figure for every run: each panel appears when its series were logged (SFT: loss and
+# validation ranking; GRPO: rewards by component, KL, rollout validity; DPO: implicit rewards).
+PANELS: list[tuple[str, Callable[[str], bool]]] = [
+    ("loss (train / eval)", lambda k: "loss" in k and k != "train_loss"),
+    (
+        "reward by component (train)",
+        lambda k: k == "reward" or k.startswith("rewards/") and k.endswith("/mean"),
+    ),
+    ("KL to the SFT model (train)", lambda k: k == "kl"),
+    ("rollouts that are catalogue SIDs", lambda k: k == "completions/valid_sid"),
+    (
+        "DPO implicit rewards",
+        lambda k: k.removeprefix("eval_") in ("rewards/chosen", "rewards/rejected", "rewards/margins"),
+    ),
+    ("DPO pair accuracy", lambda k: k.removeprefix("eval_") == "rewards/accuracies"),
+    ("validation ranking (constrained beam search)", lambda k: k.startswith("eval_") and "@" in k),
+]
 
 
-def trainable_sid_rows_only(model, tokenizer, vocab: SidVocab) -> None:
-    """Freeze all parameters except the input/output embedding rows of the SID tokens."""
-    ids = torch.tensor(tokenizer.convert_tokens_to_ids(vocab.tokens()), dtype=torch.long)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    mats = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
-            if m is not None}
-    for w in mats.values():
-        w.requires_grad_(True)
-        keep = torch.zeros(w.shape[0], 1, dtype=w.dtype)
-        keep[ids] = 1
-        w.register_hook(lambda g, keep=keep: g * keep.to(g.device))
-    n = sum(int(ids.numel()) * w.shape[1] for w in mats.values())
-    logger.info("training only the %d SID embedding rows (%d parameters)", len(ids), n)
-
-
-def plot_training_curves(log_history: list[dict], path: str | Path) -> None:
-    """Loss (train/eval) and ranking metrics over steps -> PNG."""
+def plot_training_curves(log_history: list[dict], path: str | Path, title: str = "") -> None:
+    """Training curves of a run (``trainer.state.log_history``) -> PNG, one panel per group of
+    logged series that is present (``PANELS``). Written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,35 +109,32 @@ def plot_training_curves(log_history: list[dict], path: str | Path) -> None:
 
     series: dict[str, tuple[list, list]] = {}
     for rec in log_history:
-        step = rec.get("step")
         for k, v in rec.items():
-            if k == "step" or not isinstance(v, int | float) or k in ("epoch", "total_flos"):
-                continue
-            if "runtime" in k or "per_second" in k or k in ("grad_norm", "learning_rate", "num_tokens"):
-                continue
-            series.setdefault(k, ([], []))
-            series[k][0].append(step)
-            series[k][1].append(v)
-    losses = {k: v for k, v in series.items() if "loss" in k and "train_loss" != k}
-    ranks = {k: v for k, v in series.items() if "@" in k or "reward" in k}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for k, (x, y) in losses.items():
-        axes[0].plot(x, y, label=k, marker="." if len(x) < 30 else None)
-    axes[0].set_xlabel("step")
-    axes[0].set_title("loss")
-    axes[0].legend()
-    for k, (x, y) in ranks.items():
-        axes[1].plot(x, y, label=k, marker="o")
-    axes[1].set_xlabel("step")
-    axes[1].set_title("validation ranking (constrained beam search)")
-    if ranks:
-        axes[1].legend()
+            if k != "step" and isinstance(v, int | float) and not isinstance(v, bool):
+                series.setdefault(k, ([], []))
+                series[k][0].append(rec.get("step"))
+                series[k][1].append(v)
+    panels = [(name, {k: v for k, v in series.items() if pred(k)}) for name, pred in PANELS]
+    panels = [(name, curves) for name, curves in panels if curves]
+    cols = min(max(len(panels), 1), 3)
+    rows = -(-max(len(panels), 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (name, curves) in zip(axes.flat, panels, strict=False):
+        for k, (x, y) in sorted(curves.items()):
+            ax.plot(x, y, label=k, marker="o" if len(x) < 30 else None, markersize=3)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())  # a kill while saving never leaves a truncated PNG
-    plt.close(fig)
 
 
 def save_final_model(trainer, path: str | Path) -> None:
@@ -161,8 +151,6 @@ def save_final_model(trainer, path: str | Path) -> None:
 
 
 # ----------------------------------------------------------------------------- resumable runs
-# Shared by recipes/sft.py and recipes/rl.py: a run killed at any point (kill -9) is rerun with the
-# same command and resumes from its last complete checkpoint; final/ only ever exists complete.
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # leftovers of a killed run: data_prep.io temporary files (.NAME.XXXX.tmp) and the final-model
@@ -290,8 +278,12 @@ def train_or_finish(trainer, last: str | None, done: dict | None) -> None:
         trainer.state = TrainerState.load_from_json(str(Path(last) / "trainer_state.json"))
         best = out / f"checkpoint-{trainer.state.best_global_step}"
         src = best if trainer.args.load_best_model_at_end and best.is_dir() else Path(last)
-        logger.info("training already finished at step %d (%s): saving final/ from %s",
-                    trainer.state.global_step, last, src)
+        logger.info(
+            "training already finished at step %d (%s): saving final/ from %s",
+            trainer.state.global_step,
+            last,
+            src,
+        )
         trainer._load_from_checkpoint(str(src))
         return
     if last:

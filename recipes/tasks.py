@@ -26,38 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from data_prep.dataset import Example, RecDataset
-from sid_tokenizer.llm import REC_TOKEN
+from sid_tokenizer.prompts import PROMPTS, seq2seq_prompt
 from sid_tokenizer.sid import SidIndex
 
-PROMPTS: dict[str, list[str]] = {
-    "seq2seq_chat": [
-        "A user bought these items in order: {history}. Which item will the user buy next?",
-        "Purchase history: {history}. Recommend the next item.",
-        "Given the interaction history {history}, predict the next item the user will interact with.",
-    ],
-    "sid2title": [
-        "What is the title of item {sid}?",
-        "Which product has the ID {sid}?",
-    ],
-    "title2sid": [
-        'What is the ID of the item "{title}"?',
-        'Give the item ID of "{title}".',
-    ],
-    "title_history2sid": [
-        "A user bought these items in order: {titles}. Which item will the user buy next?",
-        "I liked {titles}. Suggest something.",
-    ],
-    "sid_history2title": [
-        "A user bought these items in order: {history}. What is the title of the item the user will buy next?",
-    ],
-    "intent2sid": [
-        "I am looking for {intent}. Which item do you recommend?",
-        "Recommend an item: I need {intent}.",
-    ],
-}
-
-_STOP = set("a an and the of for with to in on by from at or as is are be this that it its x "
-            "inch inches pack count set pcs piece pieces new 1 2 3 4 5 6 8 10 12".split())
+_STOP = set(
+    "a an and the of for with to in on by from at or as is are be this that it its x "
+    "inch inches pack count set pcs piece pieces new 1 2 3 4 5 6 8 10 12".split()
+)
 
 
 @dataclass
@@ -81,8 +56,10 @@ def _sids(ctx: TaskContext, items: list[int], sep: str = ", ") -> str:
 
 def _chat(task: str, ctx: TaskContext, answer: str, **fields: str) -> dict:
     user = ctx.rng.choice(PROMPTS[task]).format(**fields)
-    return {"task": task, "messages": [{"role": "user", "content": user},
-                                       {"role": "assistant", "content": answer}]}
+    return {
+        "task": task,
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
+    }
 
 
 def _sample(units: list, weight: float, rng: random.Random) -> list:
@@ -96,12 +73,7 @@ def _sample(units: list, weight: float, rng: random.Random) -> list:
 
 def _random_prefix(ctx: TaskContext, seq: list[int]) -> tuple[list[int], int]:
     t = ctx.rng.randrange(1, len(seq))
-    return seq[max(0, t - ctx.max_history):t], seq[t]
-
-
-def seq2seq_prompt(index: SidIndex, history: list[int], max_history: int = 20) -> str:
-    """The raw seq2seq prompt for inference: ``<|rec|>`` + the last ``max_history`` SIDs."""
-    return REC_TOKEN + "".join(index.sid(i) for i in history[-max_history:])
+    return seq[max(0, t - ctx.max_history) : t], seq[t]
 
 
 def build_seq2seq(ctx: TaskContext, weight: float) -> list[dict]:
@@ -112,11 +84,16 @@ def build_seq2seq(ctx: TaskContext, weight: float) -> list[dict]:
     seqs = [s for s in ctx.sequences if len(s) >= 2]
     for seq in _sample(seqs, weight, ctx.rng):
         for start in range(1, len(seq), ctx.max_history):
-            context = seq[max(0, start - ctx.max_history):start]
-            targets = seq[start:start + ctx.max_history]
-            rows.append({"task": "seq2seq", "messages": [],
-                         "prompt": seq2seq_prompt(ctx.index, context, ctx.max_history),
-                         "completion": "".join(ctx.index.sid(i) for i in targets)})
+            context = seq[max(0, start - ctx.max_history) : start]
+            targets = seq[start : start + ctx.max_history]
+            rows.append(
+                {
+                    "task": "seq2seq",
+                    "messages": [],
+                    "prompt": seq2seq_prompt(ctx.index, context, ctx.max_history),
+                    "completion": "".join(ctx.index.sid(i) for i in targets),
+                }
+            )
     return rows
 
 
@@ -130,12 +107,17 @@ def build_seq2seq_chat(ctx: TaskContext, weight: float) -> list[dict]:
 
 def build_sid2title(ctx: TaskContext, weight: float) -> list[dict]:
     items = [it.item_id for it in ctx.dataset.items if it.title]
-    return [_chat("sid2title", ctx, _title(ctx, i), sid=ctx.index.sid(i)) for i in _sample(items, weight, ctx.rng)]
+    return [
+        _chat("sid2title", ctx, _title(ctx, i), sid=ctx.index.sid(i)) for i in _sample(items, weight, ctx.rng)
+    ]
 
 
 def build_title2sid(ctx: TaskContext, weight: float) -> list[dict]:
     items = [it.item_id for it in ctx.dataset.items if it.title]
-    return [_chat("title2sid", ctx, ctx.index.sid(i), title=_title(ctx, i)) for i in _sample(items, weight, ctx.rng)]
+    return [
+        _chat("title2sid", ctx, ctx.index.sid(i), title=_title(ctx, i))
+        for i in _sample(items, weight, ctx.rng)
+    ]
 
 
 def build_title_history2sid(ctx: TaskContext, weight: float) -> list[dict]:
@@ -171,8 +153,10 @@ def item_intent(dataset: RecDataset, item: int, rng: random.Random) -> str:
 
 def build_intent2sid(ctx: TaskContext, weight: float) -> list[dict]:
     items = [it.item_id for it in ctx.dataset.items if it.title]
-    return [_chat("intent2sid", ctx, ctx.index.sid(i), intent=item_intent(ctx.dataset, i, ctx.rng))
-            for i in _sample(items, weight, ctx.rng)]
+    return [
+        _chat("intent2sid", ctx, ctx.index.sid(i), intent=item_intent(ctx.dataset, i, ctx.rng))
+        for i in _sample(items, weight, ctx.rng)
+    ]
 
 
 TASKS: dict[str, Callable[[TaskContext, float], list[dict]]] = {
@@ -200,15 +184,27 @@ def training_sequences(dataset: RecDataset, include_valid: bool) -> list[list[in
     return out
 
 
-def build_mixture(dataset: RecDataset, index: SidIndex, weights: dict[str, float], tokenizer,
-                  seed: int = 0, max_history: int = 20, include_valid: bool = False) -> list[dict]:
+def build_mixture(
+    dataset: RecDataset,
+    index: SidIndex,
+    weights: dict[str, float],
+    tokenizer,
+    seed: int = 0,
+    max_history: int = 20,
+    include_valid: bool = False,
+) -> list[dict]:
     """All rows of the weighted task mixture, with ``prompt``/``completion`` rendered for ``tokenizer``."""
     unknown = set(weights) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; registered: {sorted(TASKS)}")
     has_text = any(it.title for it in dataset.items)
-    ctx = TaskContext(dataset, index, training_sequences(dataset, include_valid), random.Random(seed),
-                      max_history=max_history)
+    ctx = TaskContext(
+        dataset,
+        index,
+        training_sequences(dataset, include_valid),
+        random.Random(seed),
+        max_history=max_history,
+    )
     rows: list[dict] = []
     for task, w in weights.items():
         if w <= 0 or (task in TEXT_TASKS and not has_text):
@@ -216,17 +212,27 @@ def build_mixture(dataset: RecDataset, index: SidIndex, weights: dict[str, float
         rows.extend(TASKS[task](ctx, w))
     for r in rows:
         if r["messages"]:
-            r["prompt"] = tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False,
-                                                        add_generation_prompt=True)
+            r["prompt"] = tokenizer.apply_chat_template(
+                r["messages"][:-1], tokenize=False, add_generation_prompt=True
+            )
             r["completion"] = r["messages"][-1]["content"] + tokenizer.eos_token
     ctx.rng.shuffle(rows)
     return rows
 
 
-def eval_rows(dataset: RecDataset, index: SidIndex, examples: list[Example], max_history: int = 20) -> list[dict]:
+def eval_rows(
+    dataset: RecDataset, index: SidIndex, examples: list[Example], max_history: int = 20
+) -> list[dict]:
     """Raw seq2seq rows for held-out examples (history -> target), for the eval loss."""
-    return [{"task": "seq2seq", "messages": [], "prompt": seq2seq_prompt(index, e.history, max_history),
-             "completion": index.sid(e.target)} for e in examples]
+    return [
+        {
+            "task": "seq2seq",
+            "messages": [],
+            "prompt": seq2seq_prompt(index, e.history, max_history),
+            "completion": index.sid(e.target),
+        }
+        for e in examples
+    ]
 
 
 def tokenize_rows(rows: list[dict], tokenizer, max_length: int = 512) -> dict[str, list]:
@@ -237,7 +243,7 @@ def tokenize_rows(rows: list[dict], tokenizer, max_length: int = 512) -> dict[st
     input_ids, labels = [], []
     for p, c in zip(prompts, completions, strict=True):
         c = c[:max_length]
-        p = p[-(max_length - len(c)):] if max_length - len(c) > 0 else []
+        p = p[-(max_length - len(c)) :] if max_length - len(c) > 0 else []
         input_ids.append(p + c)
         labels.append([-100] * len(p) + c)
     return {"task": [r["task"] for r in rows], "input_ids": input_ids, "labels": labels}
