@@ -22,10 +22,11 @@ from sid_tokenizer.collisions import (
     resolve_collisions,
 )
 from sid_tokenizer.quantizers import QUANTIZERS, Quantizer, ResidualKMeans, capacity_assign, make_quantizer
+from tests.conftest import SHARED
 
 ROOT = Path(__file__).resolve().parents[1]
 SCI_EMB = ROOT / "data/scientific/embeddings/all-MiniLM-L6-v2.npy"
-LCREC_INDEX = Path("/work/shared/datasets/amazon18-scientific/indexes/rkmeans_native/Scientific.index.json")
+LCREC_INDEX = SHARED / "amazon18-scientific" / "indexes" / "rkmeans_native" / "Scientific.index.json"
 
 # tiny settings so every method trains in about a second on 2 shared cores
 SMALL = {

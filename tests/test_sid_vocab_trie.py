@@ -11,8 +11,9 @@ import pytest
 from data_prep.io import DataError
 from sid_tokenizer.sid import SidFormatError, SidIndex, SidVocab
 from sid_tokenizer.trie import SidTrie
+from tests.conftest import SHARED
 
-LCREC_INDEX = Path("/work/shared/datasets/amazon18-scientific/indexes/rkmeans_native/Scientific.index.json")
+LCREC_INDEX = SHARED / "amazon18-scientific" / "indexes" / "rkmeans_native" / "Scientific.index.json"
 
 
 # ---- SidVocab -------------------------------------------------------------------------------
