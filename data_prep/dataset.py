@@ -31,6 +31,11 @@ from data_prep.io import (
     read_json,
 )
 
+STAGE = "data_prep.prepare"  # meta.json "stage" of a dataset directory
+# What every dataset directory holds (also how one written before meta.json had "stage" is recognized).
+DATASET_FILES = ("meta.json", "items.jsonl", "sequences.jsonl", "train.jsonl", "valid.jsonl", "test.jsonl")
+_EXAMPLE = ("user_id", "history", "target")
+
 
 @dataclass
 class Item:
@@ -89,33 +94,45 @@ class RecDataset:
             "train_sequences": len(self.train),
         }
 
-    def save(self, path: str | Path, extra_meta: dict[str, Any] | None = None) -> Path:
-        """Write the dataset directory atomically (all files or none)."""
+    def save(
+        self, path: str | Path, extra_meta: dict[str, Any] | None = None, inputs: list[str | Path] = ()
+    ) -> Path:
+        """Write the dataset directory atomically (all files or none).
+
+        An existing ``path`` is replaced only when it is an earlier dataset directory (or empty)
+        and holds none of ``inputs`` (``data_prep.io.check_output_dir``).
+        """
         path = Path(path)
+        with atomic_directory(path, stage=STAGE, inputs=inputs, legacy_files=DATASET_FILES) as tmp:
+            self.write(tmp, extra_meta)
+        return path
+
+    def write(self, directory: str | Path, extra_meta: dict[str, Any] | None = None) -> None:
+        """Write the dataset files into an existing (staging) directory; ``save`` is the atomic form."""
+        directory = Path(directory)
         meta = dict(self.meta)
         meta.update(extra_meta or {})
         meta.update(
+            stage=STAGE,
             name=self.name,
             counts=self.counts(),
             created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         )
-        with atomic_directory(path) as tmp:
-            atomic_write_jsonl(tmp / "items.jsonl", (asdict(it) for it in self.items))
-            atomic_write_jsonl(
-                tmp / "sequences.jsonl",
-                (
-                    {"user_id": u, "raw_id": self.user_raw_ids[u], "items": s}
-                    for u, s in enumerate(self.sequences)
-                ),
-            )
-            atomic_write_jsonl(
-                tmp / "train.jsonl", ({"user_id": u, "items": s} for u, s in enumerate(self.train))
-            )
-            for split in ("valid", "test"):
-                atomic_write_jsonl(tmp / f"{split}.jsonl", (asdict(e) for e in getattr(self, split)))
-            atomic_write_json(tmp / "meta.json", meta)
+        atomic_write_jsonl(directory / "items.jsonl", (asdict(it) for it in self.items))
+        atomic_write_jsonl(
+            directory / "sequences.jsonl",
+            (
+                {"user_id": u, "raw_id": self.user_raw_ids[u], "items": s}
+                for u, s in enumerate(self.sequences)
+            ),
+        )
+        atomic_write_jsonl(
+            directory / "train.jsonl", ({"user_id": u, "items": s} for u, s in enumerate(self.train))
+        )
+        for split in ("valid", "test"):
+            atomic_write_jsonl(directory / f"{split}.jsonl", (asdict(e) for e in getattr(self, split)))
+        atomic_write_json(directory / "meta.json", meta)
         self.meta = meta
-        return path
 
     @classmethod
     def load(cls, path: str | Path) -> RecDataset:
@@ -129,7 +146,10 @@ class RecDataset:
         meta = read_json(path / "meta.json")
         items = []
         for lineno, row in iter_jsonl(path / "items.jsonl"):
-            it = Item(**row)
+            try:
+                it = Item(**row)
+            except TypeError as e:
+                raise DataError(path / "items.jsonl", f"not an item row: {e}", line=lineno) from None
             if it.item_id != len(items):
                 raise DataError(
                     path / "items.jsonl",
@@ -138,13 +158,27 @@ class RecDataset:
                     field="item_id",
                 )
             items.append(it)
+
+        def rows(name: str, *fields: str) -> list[tuple[int, dict]]:
+            out = list(iter_jsonl(path / name))
+            for lineno, row in out:
+                missing = [f for f in fields if f not in row]
+                if missing:
+                    raise DataError(path / name, "missing field", line=lineno, field=missing[0])
+            return out
+
         sequences, raw_users = [], []
-        for _, row in iter_jsonl(path / "sequences.jsonl"):
+        for _, row in rows("sequences.jsonl", "items", "raw_id"):
             sequences.append(row["items"])
             raw_users.append(row["raw_id"])
-        train = [row["items"] for _, row in iter_jsonl(path / "train.jsonl")]
-        valid = [Example(**row) for _, row in iter_jsonl(path / "valid.jsonl")]
-        test = [Example(**row) for _, row in iter_jsonl(path / "test.jsonl")]
+        train = [row["items"] for _, row in rows("train.jsonl", "items")]
+        valid = [
+            Example(row["user_id"], row["history"], row["target"])
+            for _, row in rows("valid.jsonl", *_EXAMPLE)
+        ]
+        test = [
+            Example(row["user_id"], row["history"], row["target"]) for _, row in rows("test.jsonl", *_EXAMPLE)
+        ]
         return cls(
             name=meta.get("name", path.name),
             items=items,

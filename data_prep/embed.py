@@ -21,6 +21,28 @@ from data_prep.io import DataError, atomic_save_npy, atomic_write_json, read_jso
 logger = logging.getLogger(__name__)
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+# Sentence embeddings lie within [-1, 1] (normalized) or a few hundred at most. Far larger finite
+# values overflow the float32 squared distances of k-means / faiss (|x| ~ 1e19 already gives inf,
+# and faiss then aborts the whole process), so the quantizers only accept |x| <= this.
+MAX_ABS_EMBEDDING = 1e6
+
+
+def embedding_problem(x: np.ndarray) -> str | None:
+    """Why ``x`` (N, D) cannot be quantized, or None: not real numbers, NaN/inf, or huge values."""
+    if x.dtype.kind not in "fiu":
+        return f"dtype {x.dtype} is not a real number type (expected float32)"
+    finite = np.isfinite(x)
+    if not finite.all():
+        row, col = (int(v[0]) for v in np.nonzero(~finite))
+        return f"row {row} column {col} is {x[row, col]!r} (NaN or inf)"
+    if x.size and float(np.abs(x).max()) > MAX_ABS_EMBEDDING:
+        row, col = (int(v) for v in np.unravel_index(int(np.abs(x).argmax()), x.shape))
+        return (
+            f"row {row} column {col} is {float(x[row, col]):.3g}: values must be within "
+            f"+-{MAX_ABS_EMBEDDING:g} (sentence embeddings are within [-1, 1]; larger values overflow the "
+            "float32 distances of k-means); rescale or normalize them"
+        )
+    return None
 
 
 def resolve_encoder(name: str) -> str:
@@ -81,14 +103,15 @@ def load_embeddings(path: str | Path, num_items: int | None = None) -> np.ndarra
         raise DataError(path, "embedding file not found; run data preparation with embeddings enabled")
     try:
         emb = np.load(path)
-    except (ValueError, OSError) as e:
-        raise DataError(path, f"not a readable .npy array: {e}") from e
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(path, f"not a readable .npy array: {e}") from None
     if emb.ndim != 2:
         raise DataError(path, f"expected a 2-d array (items, dim), got shape {emb.shape}")
     if num_items is not None and emb.shape[0] != num_items:
         raise DataError(path, f"{emb.shape[0]} embedding rows but the catalogue has {num_items} items")
-    if not np.isfinite(emb).all():
-        raise DataError(path, "embedding matrix contains NaN or inf")
+    problem = embedding_problem(emb)
+    if problem is not None:
+        raise DataError(path, f"bad embedding matrix: {problem} (row = item_id)")
     return emb.astype(np.float32, copy=False)
 
 

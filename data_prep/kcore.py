@@ -34,8 +34,21 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("leave_one_out", "temporal")
 MIN_SEQUENCE_LENGTH = 3
-# Epoch values above this are milliseconds (1e11 s would be the year 5138).
-_MS_THRESHOLD = 1e11
+# Interaction logs are after 1970 and before 2100: anything else is a placeholder (9999-12-31),
+# a unit error or corruption, and would silently reorder every sequence it is part of.
+MIN_TIME = 0.0
+MAX_TIME = _dt.datetime(2100, 1, 1, tzinfo=_dt.UTC).timestamp()
+# Epoch numbers are read in the unit that puts them in the window: seconds for 1970..2100, and
+# milliseconds, microseconds or nanoseconds for 1980..2100 (each value on its own, so a log may
+# mix them). The later start of the finer units keeps them apart from seconds: the year 9999 in
+# seconds (2.5e11) would read as 1978 in milliseconds, and is an error instead.
+MIN_SUBSECOND_TIME = _dt.datetime(1980, 1, 1, tzinfo=_dt.UTC).timestamp()
+_UNITS = (
+    (1.0, "seconds", MIN_TIME),
+    (1e3, "milliseconds", MIN_SUBSECOND_TIME),
+    (1e6, "microseconds", MIN_SUBSECOND_TIME),
+    (1e9, "nanoseconds", MIN_SUBSECOND_TIME),
+)
 
 
 @dataclass(slots=True)
@@ -75,10 +88,10 @@ def parse_time(
     key: str | None = None,
     field: str = "timestamp",
 ) -> float:
-    """Epoch seconds, epoch milliseconds (> 1e11) or ISO-8601 (date or date-time) -> epoch seconds.
+    """Epoch seconds, ms, us or ns (told apart by magnitude, see ``_UNITS``) or ISO-8601 -> epoch seconds.
 
-    ISO values without an offset are taken as UTC. Anything else is a DataError naming the
-    file, line and field.
+    ISO values without an offset are taken as UTC. Times must lie in [1970-01-01, 2100-01-01)
+    (``MIN_TIME``, ``MAX_TIME``). Anything else is a DataError naming the file, line and field.
     """
     if isinstance(value, bool) or value is None:
         raise DataError(
@@ -89,44 +102,91 @@ def parse_time(
             field=field,
         )
     if isinstance(value, _dt.datetime):  # e.g. a timestamp column typed by pandas / HF datasets
-        return (value if value.tzinfo else value.replace(tzinfo=_dt.UTC)).timestamp()
+        return _in_range(value, value, path, line, key, field)
     if isinstance(value, _dt.date):
-        return _dt.datetime(value.year, value.month, value.day, tzinfo=_dt.UTC).timestamp()
-    number: float | None = None
+        return _in_range(_dt.datetime(value.year, value.month, value.day), value, path, line, key, field)
     if isinstance(value, numbers.Real):  # int, float and numpy scalars
-        number = float(value)
-    elif isinstance(value, str):
+        return _epoch(float(value), value, path, line, key, field)
+    if isinstance(value, str):
         text = value.strip()
         try:
             number = float(text)
         except ValueError:
-            try:
-                parsed = _dt.datetime.fromisoformat(text)
-            except ValueError:
-                raise DataError(
-                    path,
-                    f"unparsable timestamp {value!r}: expected epoch seconds/ms or "
-                    "ISO-8601 such as 2024-03-02T14:05:00Z",
-                    line=line,
-                    key=key,
-                    field=field,
-                ) from None
-            if parsed.tzinfo is None:
-                parsed = parsed.replace(tzinfo=_dt.UTC)
-            return parsed.timestamp()
-    else:
-        raise DataError(
-            path,
-            f"timestamp of type {type(value).__name__}: expected a number or a string",
-            line=line,
-            key=key,
-            field=field,
-        )
+            number = None
+        if number is not None:
+            return _epoch(number, value, path, line, key, field)
+        try:
+            parsed = _dt.datetime.fromisoformat(text)
+        except ValueError:
+            raise DataError(
+                path,
+                f"unparsable timestamp {value!r}: expected epoch seconds/ms or "
+                "ISO-8601 such as 2024-03-02T14:05:00Z",
+                line=line,
+                key=key,
+                field=field,
+            ) from None
+        return _in_range(parsed, value, path, line, key, field)
+    raise DataError(
+        path,
+        f"timestamp of type {type(value).__name__}: expected a number or a string",
+        line=line,
+        key=key,
+        field=field,
+    )
+
+
+def _epoch(
+    number: float,
+    value: Any,
+    path: str | os.PathLike,
+    line: int | None,
+    key: str | None,
+    field: str,
+) -> float:
     if not math.isfinite(number) or number < 0:
         raise DataError(
             path, f"timestamp {value!r} is not a valid epoch time", line=line, key=key, field=field
         )
-    return number / 1000.0 if number > _MS_THRESHOLD else number
+    for scale, _name, floor in _UNITS:
+        seconds = number / scale
+        if floor <= seconds < MAX_TIME:
+            return seconds
+    readings = ", ".join(f"{iso_or_far(number / scale)} as {name}" for scale, name, _ in _UNITS)
+    raise DataError(
+        path,
+        f"timestamp {value!r} is no plausible epoch time ({readings}): expected seconds for "
+        f"{iso(MIN_TIME)[:10]}..{iso(MAX_TIME)[:10]} or ms/us/ns for {iso(MIN_SUBSECOND_TIME)[:10]}.."
+        f"{iso(MAX_TIME)[:10]}",
+        line=line,
+        key=key,
+        field=field,
+    )
+
+
+def iso_or_far(t: float) -> str:
+    return iso(t)[:10] if -62135596800 <= t < 253402300800 else ("after 9999" if t > 0 else "before 0001")
+
+
+def _in_range(
+    parsed: _dt.datetime, value: Any, path: str | os.PathLike, line: int | None, key: str | None, field: str
+) -> float:
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=_dt.UTC)
+    try:
+        seconds = parsed.timestamp()
+    except (OverflowError, OSError, ValueError):
+        seconds = math.inf
+    if not MIN_TIME <= seconds < MAX_TIME:
+        raise DataError(
+            path,
+            f"timestamp {value!r} is outside {iso(MIN_TIME)[:10]}..{iso(MAX_TIME)[:10]} "
+            "(a placeholder date or a unit error?)",
+            line=line,
+            key=key,
+            field=field,
+        )
+    return seconds
 
 
 def option_time(value: str | None, name: str) -> float | None:

@@ -408,7 +408,7 @@ def test_wrong_types_in_jsonl(tmp_path: Path) -> None:
     bad_items[0]["description"] = {"text": "nested"}
     expect_error(
         prepare_generic(tmp_path, write_items(tmp_path / "items.jsonl", bad_items), e),
-        r"items\.jsonl:1 field 'description': expected text or a list of strings, got dict",
+        r"items\.jsonl:1 \[key 'sku 1'\] field 'description': expected text or a list of strings, got dict",
     )
 
 

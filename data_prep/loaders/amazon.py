@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import ast
 import contextlib
-import gzip
-import json
 import logging
 import os
 import sys
@@ -45,9 +43,9 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from data_prep.dataset import Item, RecDataset
-from data_prep.io import DataError
+from data_prep.io import DataError, iter_lines, parse_json_line
 from data_prep.kcore import FilterOptions, Interaction, build_dataset, parse_time
-from data_prep.text import clean_text, split_categories
+from data_prep.text import field_text
 
 if TYPE_CHECKING:
     from data_prep.prepare import PrepareArgs
@@ -136,40 +134,35 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any], bool]]
     """Yield (line, record, was_python_literal) for each non-empty line of a (gzipped) dump.
 
     Lines are JSON; the 2014 metadata lines are Python dict reprs, parsed with
-    ``ast.literal_eval`` (literals only, never code).
+    ``ast.literal_eval`` (literals only, never code). Decoding and gzip errors are those of
+    ``data_prep.io.iter_lines`` (DataError with the line).
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(path, "file not found")
-    opener = gzip.open if path.suffix == ".gz" else open
+    for lineno, line in iter_lines(path):
+        line = line.strip()
+        if not line:
+            continue
+        literal = False
+        if line.startswith("{") and "'" in line[:3]:  # a Python dict repr: {'asin': ...}
+            rec, literal = _literal(path, lineno, line, None), True
+        else:
+            try:
+                rec = parse_json_line(path, lineno, line)
+            except DataError as e:
+                if "malformed JSON" not in str(e):
+                    raise
+                rec, literal = _literal(path, lineno, line, str(e).split(": ", 1)[-1]), True
+        if not isinstance(rec, dict):
+            raise DataError(path, f"expected an object per line, got {type(rec).__name__}", line=lineno)
+        yield lineno, rec, literal
+
+
+def _literal(path: Path, lineno: int, line: str, json_error: str | None) -> Any:
     try:
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                line = line.strip()
-                if not line:
-                    continue
-                literal = False
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    try:
-                        rec, literal = ast.literal_eval(line), True
-                    except (ValueError, SyntaxError, MemoryError, RecursionError):
-                        raise DataError(
-                            path,
-                            f"malformed line: neither JSON ({e.msg}, column {e.colno}) "
-                            "nor a Python dict literal",
-                            line=lineno,
-                        ) from None
-                if not isinstance(rec, dict):
-                    raise DataError(
-                        path, f"expected an object per line, got {type(rec).__name__}", line=lineno
-                    )
-                yield lineno, rec, literal
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise DataError(path, f"cannot read (corrupt gzip or not UTF-8 text?): {e}") from e
+        return ast.literal_eval(line)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        why = f"neither JSON ({json_error}) nor" if json_error else "not"
+        raise DataError(path, f"malformed line: {why} a Python dict literal", line=lineno) from None
 
 
 def _str_field(path: Path, line: int, rec: dict, name: str) -> str:
@@ -232,17 +225,21 @@ def read_metadata(path: str | Path, wanted: set[str]) -> tuple[dict[str, Item], 
         if raw in items:
             counts["metadata_duplicates"] += 1
             continue
-        title = clean_text(rec.get("title"))
+        title = field_text(rec.get("title"), path, line=line, key=raw, field="title")
         if not title:
             untitled.add(raw)
             continue
+        brand_field = "brand" if rec.get("brand") else "store"
+        cat_field = "categories" if rec.get("categories") else "category"
         items[raw] = Item(
             item_id=-1,
             raw_id=raw,
-            title=title,
-            description=clean_text(rec.get("description")),
-            brand=clean_text(rec.get("brand") or rec.get("store")),
-            categories=split_categories(rec.get("categories") or rec.get("category")),
+            title=title,  # type: ignore[arg-type]
+            description=field_text(rec.get("description"), path, line=line, key=raw, field="description"),  # type: ignore[arg-type]
+            brand=field_text(rec.get(brand_field), path, line=line, key=raw, field=brand_field),  # type: ignore[arg-type]
+            categories=field_text(
+                rec.get(cat_field), path, line=line, key=raw, field=cat_field, categories=True
+            ),  # type: ignore[arg-type]
         )
     if year is None:
         raise DataError(path, "no metadata lines")

@@ -41,9 +41,6 @@ Python API (Hugging Face ``datasets``, pandas DataFrames or lists of dicts inste
 from __future__ import annotations
 
 import ast
-import csv
-import gzip
-import io
 import json
 import logging
 import math
@@ -56,9 +53,9 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from data_prep.dataset import Item, RecDataset
-from data_prep.io import DataError, iter_jsonl
+from data_prep.io import DataError, iter_jsonl, read_csv
 from data_prep.kcore import FilterOptions, Interaction, build_dataset, parse_time
-from data_prep.text import clean_text, split_categories
+from data_prep.text import field_text, split_categories
 
 if TYPE_CHECKING:
     from data_prep.prepare import PrepareArgs
@@ -93,30 +90,6 @@ class _Table:
             )
 
 
-def _open_text(path: Path):
-    # utf-8-sig: spreadsheet exports start with a byte-order mark that would hide the first column name
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
-    return open(path, encoding="utf-8-sig", newline="")
-
-
-def _csv_rows(path: Path, reader: csv.DictReader, fh: io.TextIOBase) -> Iterator[tuple[int, dict]]:
-    with fh:
-        try:
-            for row in reader:
-                if None in row:
-                    raise DataError(
-                        path,
-                        f"row has more fields than the {len(reader.fieldnames or [])} columns of the header",
-                        line=reader.line_num,
-                    )
-                yield reader.line_num, row
-        except csv.Error as e:
-            raise DataError(path, f"malformed CSV: {e}", line=reader.line_num) from None
-        except UnicodeDecodeError as e:
-            raise DataError(path, f"not UTF-8 text: {e}") from None
-
-
 def open_table(source: Source, what: str) -> _Table:
     """A file (CSV/TSV/JSON lines, maybe gzipped), a ``datasets.Dataset``/``DatasetDict`` or a list of dicts."""
     if isinstance(source, str | Path):
@@ -125,18 +98,8 @@ def open_table(source: Source, what: str) -> _Table:
             raise DataError(path, f"{what} file not found")
         kind = path.name.removesuffix(".gz").rsplit(".", 1)[-1].lower()
         if kind in ("csv", "tsv"):
-            fh = _open_text(path)
-            reader = csv.DictReader(fh, delimiter="\t" if kind == "tsv" else ",")
-            try:
-                columns = [c.strip() for c in reader.fieldnames or []]
-            except (csv.Error, UnicodeDecodeError) as e:
-                fh.close()
-                raise DataError(path, f"unreadable header: {e}", line=1) from None
-            if not columns:
-                fh.close()
-                raise DataError(path, "empty file: expected a header line", line=1)
-            reader.fieldnames = columns
-            return _Table(str(path), columns, _csv_rows(path, reader, fh))
+            columns, rows = read_csv(path, delimiter="\t" if kind == "tsv" else ",")
+            return _Table(str(path), columns, rows)
         if kind in ("jsonl", "json", "ndjson"):
             return _Table(str(path), None, iter_jsonl(path))
         raise DataError(path, f"unknown file type {kind!r}: expected .csv, .tsv or .jsonl (optionally .gz)")
@@ -212,18 +175,21 @@ def _id(table: _Table, line: int, row: dict, name: str) -> str:
     return sys.intern(text)  # ids repeat on many rows: one string each
 
 
-def _text(table: _Table, line: int, row: dict, name: str) -> str:
+def _text(table: _Table, line: int, row: dict, name: str, key: str | None = None) -> str:
     value = row.get(name)
     if _missing(value):
         return ""
-    if not isinstance(value, str | list | tuple):
+    if isinstance(value, numbers.Number) and not isinstance(value, bool):  # incl. numpy scalars
+        value = int(value) if isinstance(value, numbers.Integral) else float(value)  # type: ignore[arg-type]
+    if not isinstance(value, str | list | tuple | int | float):
         raise DataError(
             table.label,
-            f"expected text or a list of strings, got {type(value).__name__} {value!r}",
+            f"expected text or a list of strings, got {type(value).__name__} {value!r}"[:200],
             line=line,
+            key=key,
             field=name,
         )
-    return clean_text(value)
+    return field_text(value, table.label, line=line, key=key, field=name)  # type: ignore[return-value]
 
 
 def parse_categories(value: Any, label: str = "", line: int | None = None) -> list[str]:
@@ -238,7 +204,7 @@ def parse_categories(value: Any, label: str = "", line: int | None = None) -> li
             except json.JSONDecodeError:
                 try:
                     value = ast.literal_eval(text)  # literals only
-                except (ValueError, SyntaxError):
+                except (ValueError, SyntaxError, MemoryError, RecursionError):
                     raise DataError(
                         label, f"malformed list {text[:60]!r}", line=line, field="categories"
                     ) from None
@@ -250,7 +216,7 @@ def parse_categories(value: Any, label: str = "", line: int | None = None) -> li
         raise DataError(
             label, f"expected a list or a string, got {type(value).__name__}", line=line, field="categories"
         )
-    return split_categories(list(value))
+    return field_text(list(value), label, line=line, field="categories", categories=True)  # type: ignore[return-value]
 
 
 def read_items(source: Source) -> tuple[dict[str, Item], str]:
@@ -271,7 +237,7 @@ def read_items(source: Source) -> tuple[dict[str, Item], str]:
             )
         if "title" not in row:
             raise DataError(table.label, "missing required field 'title'", line=line, key=raw, field="title")
-        title = _text(table, line, row, "title")
+        title = _text(table, line, row, "title", raw)
         if not title:
             raise DataError(
                 table.label,
@@ -281,12 +247,22 @@ def read_items(source: Source) -> tuple[dict[str, Item], str]:
                 field="title",
             )
         extra = {k: v for k, v in row.items() if k not in ITEM_KNOWN and not _missing(v)}
+        for k, v in extra.items():
+            if isinstance(v, dict | set) or (isinstance(v, float) and not math.isfinite(v)):
+                raise DataError(
+                    table.label,
+                    f"extra column value {v!r} is not text, a number or a list"[:200]
+                    + " (flatten a JSON object into columns)",
+                    line=line,
+                    key=raw,
+                    field=k,
+                )
         items[raw] = Item(
             item_id=-1,
             raw_id=raw,
             title=title,
-            description=_text(table, line, row, "description"),
-            brand=_text(table, line, row, "brand"),
+            description=_text(table, line, row, "description", raw),
+            brand=_text(table, line, row, "brand", raw),
             categories=parse_categories(row.get("categories"), table.label, line),
             extra=extra,
         )
@@ -341,6 +317,10 @@ def read_interactions(
                 value = None
             if value is None:
                 raise DataError(table.label, f"rating {rating!r} is not a number", line=line, field="rating")
+            if not math.isfinite(value):  # NaN compares False with min_rating: it would pass any filter
+                raise DataError(
+                    table.label, f"rating {rating!r} is not a finite number", line=line, field="rating"
+                )
             if min_rating is not None and value < min_rating:
                 counts["filtered_rating"] += 1
                 continue

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from data_prep.dataset import Item, RecDataset, leave_one_out
 from data_prep.io import DataError, read_json
-from data_prep.text import clean_text, split_categories
+from data_prep.text import field_text
 
 
 def _sort_ids(ids: list[str]) -> list[str]:
@@ -27,11 +27,30 @@ def read_catalogue(item_path: str | Path, require_title: bool = True) -> dict[st
     for key, fields in raw.items():
         if not isinstance(fields, dict):
             raise DataError(item_path, f"expected an object of fields, got {type(fields).__name__}", key=key)
-        title = clean_text(fields.get("title"))
+        title = field_text(fields.get("title"), item_path, key=str(key), field="title")
+        for name in ("description", "brand"):
+            field_text(fields.get(name), item_path, key=str(key), field=name)
+        field_text(fields.get("categories"), item_path, key=str(key), field="categories", categories=True)
         if require_title and not title:
             raise DataError(item_path, "item has no title", key=key, field="title")
         out[str(key)] = fields
     return out
+
+
+def item_from_fields(item_path: str | Path | None, item_id: int, raw_id: str, fields: dict) -> Item:
+    """An ``Item`` from one catalogue entry (fields already checked by ``read_catalogue``)."""
+
+    def text(name: str, categories: bool = False):
+        return field_text(fields.get(name), item_path or "", key=raw_id, field=name, categories=categories)
+
+    return Item(
+        item_id=item_id,
+        raw_id=raw_id,
+        title=text("title"),
+        description=text("description"),
+        brand=text("brand"),
+        categories=text("categories", categories=True),
+    )
 
 
 def read_interactions(inter_path: str | Path, min_len: int = 3) -> dict[str, list[str]]:
@@ -74,16 +93,7 @@ def load_lcrec(
     items = []
     for r in raw_ids:
         f = catalogue.get(r, {})
-        items.append(
-            Item(
-                item_id=dense[r],
-                raw_id=r,
-                title=clean_text(f.get("title")),
-                description=clean_text(f.get("description")),
-                brand=clean_text(f.get("brand")),
-                categories=split_categories(f.get("categories")),
-            )
-        )
+        items.append(item_from_fields(item_path, dense[r], r, f))
     users = _sort_ids(list(interactions))
     sequences = []
     for u in users:

@@ -17,6 +17,7 @@ import contextlib
 import io
 import logging
 import sys
+import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any, ClassVar, Self
 
 import numpy as np
 
+from data_prep.embed import embedding_problem
 from data_prep.io import DataError, atomic_write_bytes, atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
@@ -88,8 +90,9 @@ def check_embeddings(x: np.ndarray, dim: int | None = None, what: str = "embeddi
         raise ValueError(f"{what} must be a non-empty (items, dim) array, got shape {x.shape}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"{what} have dimension {x.shape[1]}, the quantizer was fitted on {dim}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{what} contain NaN or inf")
+    problem = embedding_problem(x)
+    if problem is not None:  # checked before faiss sees them: it aborts the process on overflow
+        raise ValueError(f"{what}: {problem}")
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -274,19 +277,33 @@ class Quantizer:
         except (TypeError, ValueError) as e:
             raise DataError(meta_path, str(e), field="config") from e
         q = klass(config)
-        q.input_dim = int(meta["input_dim"])
+        sizes = meta.get("level_sizes")
+        if not isinstance(meta.get("input_dim"), int) or meta["input_dim"] < 1:
+            raise DataError(
+                meta_path, f"expected a positive integer, got {meta.get('input_dim')!r}", field="input_dim"
+            )
+        if not isinstance(sizes, list) or not sizes or not all(isinstance(n, int) and n > 0 for n in sizes):
+            raise DataError(
+                meta_path, f"expected a list of codebook sizes, got {sizes!r}", field="level_sizes"
+            )
+        q.input_dim = meta["input_dim"]
         npz_path = directory / "codebooks.npz"
         if not npz_path.exists():
             raise DataError(npz_path, "file not found (incomplete quantizer directory)")
-        with np.load(npz_path) as npz:
-            q.codebooks = [
-                np.asarray(npz[f"level_{lv}"], dtype=np.float32) for lv in range(len(meta["level_sizes"]))
-            ]
-        if [len(c) for c in q.codebooks] != list(meta["level_sizes"]):
+        try:
+            with np.load(npz_path) as npz:
+                q.codebooks = [np.asarray(npz[f"level_{lv}"], dtype=np.float32) for lv in range(len(sizes))]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(npz_path, f"unreadable codebooks: {e}") from None
+        if [len(c) for c in q.codebooks] != list(sizes):
             raise DataError(
                 npz_path,
                 f"codebook sizes {[len(c) for c in q.codebooks]} differ from "
-                f"quantizer.json level_sizes {meta['level_sizes']}",
+                f"quantizer.json level_sizes {sizes}",
             )
+        for lv, cb in enumerate(q.codebooks):
+            problem = embedding_problem(cb) if cb.ndim == 2 else f"shape {cb.shape} is not (codes, dim)"
+            if problem is not None:
+                raise DataError(npz_path, f"codebook of level {lv}: {problem}", key=f"level_{lv}")
         q._load_extra(directory, meta)
         return q
