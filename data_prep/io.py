@@ -340,9 +340,17 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     with fh:
         try:
             for raw in fh:
-                for part in _split_bare_cr(raw):
-                    lineno += 1
-                    yield lineno, _decode(path, lineno, part)
+                if lineno == 0 or b"\r" in raw or b"\0" in raw:  # the slow path: rare lines only
+                    for part in _split_bare_cr(raw):
+                        lineno += 1
+                        yield lineno, _decode(path, lineno, part)
+                    continue
+                lineno += 1
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    _decode(path, lineno, raw)  # raises the DataError with the column
+                    raise
         except _GZIP_ERRORS as e:
             raise DataError(
                 path,
@@ -372,12 +380,14 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
 
 def _no_conflicting_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     """A key repeated with the same value is harmless; with another value one of them would be lost."""
-    seen: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in seen and seen[k] != v:
-            raise _DuplicateKey(k)
-        seen[k] = v
-    return seen
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # rare: look at the repeated keys
+        seen: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in seen and seen[k] != v:
+                raise _DuplicateKey(k)
+            seen[k] = v
+    return obj
 
 
 def read_json(path: str | os.PathLike, reject_duplicate_keys: bool = True) -> Any:
@@ -400,13 +410,33 @@ def read_json(path: str | os.PathLike, reject_duplicate_keys: bool = True) -> An
         raise DataError(path, "JSON nested too deeply") from None
 
 
-def parse_json_line(path: str | os.PathLike, lineno: int, line: str) -> Any:
-    """One JSON value of a JSON-lines file; a key repeated with another value is an error."""
+def _no_constant(name: str) -> Any:
+    raise _NonStandardConstant(name)
+
+
+class _NonStandardConstant(Exception):
+    pass
+
+
+def parse_json_line(path: str | os.PathLike, lineno: int, line: str, allow_nan: bool = True) -> Any:
+    """One JSON value of a JSON-lines file; a key repeated with another value is an error.
+
+    With ``allow_nan`` False the non-standard ``NaN`` / ``Infinity`` literals are errors too (in
+    an input file they are garbage that passes every comparison, e.g. a rating filter).
+    """
     try:
-        return json.loads(line, object_pairs_hook=_no_conflicting_duplicates)
+        return json.loads(
+            line,
+            object_pairs_hook=_no_conflicting_duplicates,
+            parse_constant=None if allow_nan else _no_constant,
+        )
     except _DuplicateKey as e:
         raise DataError(
             path, "key repeated in one object with different values", line=lineno, key=str(e.args[0])
+        ) from None
+    except _NonStandardConstant as e:
+        raise DataError(
+            path, f"{e.args[0]} is not valid JSON (write null for a missing value)", line=lineno
         ) from None
     except json.JSONDecodeError as e:
         raise DataError(path, f"malformed JSON: {e.msg} (column {e.colno})", line=lineno) from None
@@ -414,13 +444,16 @@ def parse_json_line(path: str | os.PathLike, lineno: int, line: str) -> Any:
         raise DataError(path, "JSON nested too deeply", line=lineno) from None
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-empty line of a JSON-lines file (maybe gzipped)."""
+def iter_jsonl(path: str | os.PathLike, allow_nan: bool = True) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-empty line of a JSON-lines file (maybe gzipped).
+
+    ``allow_nan`` False: ``NaN`` / ``Infinity`` literals are DataErrors (input files).
+    """
     for lineno, line in iter_lines(path):
         line = line.strip()
         if not line:
             continue
-        obj = parse_json_line(path, lineno, line)
+        obj = parse_json_line(path, lineno, line, allow_nan)
         if not isinstance(obj, dict):
             raise DataError(path, f"expected a JSON object per line, got {type(obj).__name__}", line=lineno)
         yield lineno, obj

@@ -147,7 +147,7 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict[str, Any], bool]]
             rec, literal = _literal(path, lineno, line, None), True
         else:
             try:
-                rec = parse_json_line(path, lineno, line)
+                rec = parse_json_line(path, lineno, line, allow_nan=False)
             except DataError as e:
                 if "malformed JSON" not in str(e):
                     raise

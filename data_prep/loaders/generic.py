@@ -101,7 +101,7 @@ def open_table(source: Source, what: str) -> _Table:
             columns, rows = read_csv(path, delimiter="\t" if kind == "tsv" else ",")
             return _Table(str(path), columns, rows)
         if kind in ("jsonl", "json", "ndjson"):
-            return _Table(str(path), None, iter_jsonl(path))
+            return _Table(str(path), None, iter_jsonl(path, allow_nan=False))
         raise DataError(path, f"unknown file type {kind!r}: expected .csv, .tsv or .jsonl (optionally .gz)")
     if hasattr(source, "to_dict") and hasattr(source, "columns"):  # a pandas DataFrame
         columns = [str(c) for c in source.columns]

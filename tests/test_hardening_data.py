@@ -1,0 +1,556 @@
+"""Hardening of the data side (issue 15, items 1, 4 and 5): bad inputs found by trying new ones.
+
+Each bad input is a DataError whose message names the file, the line or key, and the field; a
+failed ``prepare`` leaves nothing partial behind and never touches its inputs. Output
+directories are only replaced when they are an earlier output of the same stage, and staging
+folders left by a killed run are removed by the next one.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep.dataset import Item, RecDataset
+from data_prep.embed import load_embeddings
+from data_prep.io import (
+    DataError,
+    atomic_directory,
+    check_output_dir,
+    clean_stale_staging,
+    iter_jsonl,
+    read_json,
+)
+from data_prep.kcore import parse_time
+from data_prep.loaders.amazon import load_amazon
+from data_prep.loaders.generic import load_generic
+from data_prep.loaders.lcrec import load_lcrec
+from data_prep.prepare import PrepareArgs, prepare
+from data_prep.text import clean_text, render_item_text
+from sid_tokenizer.quantizers import make_quantizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCIENTIFIC = ROOT / "data" / "scientific"
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (or the file itself) -> its bytes."""
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def shop(tmp: Path) -> tuple[list[dict], list[dict]]:
+    """4 items, 3 users with 4 events each, epoch-second timestamps."""
+    items = [
+        {"item_id": f"i{n}", "title": f"Thing {n}", "brand": "B", "categories": "Home"} for n in range(4)
+    ]
+    inters = [
+        {
+            "user_id": f"u{u}",
+            "item_id": f"i{(u + k) % 4}",
+            "timestamp": str(1_700_000_000 + 1000 * u + 86400 * k),
+        }
+        for u in range(3)
+        for k in range(4)
+    ]
+    return items, inters
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str] | None = None) -> Path:
+    columns = columns or list(rows[0])
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def shop_files(tmp: Path, items_name: str = "items.csv", inter_name: str = "inter.csv") -> tuple[Path, Path]:
+    inputs = tmp / "in"
+    inputs.mkdir(exist_ok=True)
+    items, inters = shop(tmp)
+    write = {".csv": write_csv, ".jsonl": write_jsonl}
+    return (
+        write[Path(items_name).suffix](inputs / items_name, items),
+        write[Path(inter_name).suffix](inputs / inter_name, inters),
+    )
+
+
+def generic_args(tmp: Path, items: Path, inters: Path, **kw) -> PrepareArgs:
+    return PrepareArgs(
+        format="generic",
+        item_path=str(items),
+        inter_path=str(inters),
+        output_dir=str(tmp / "out" / "dataset"),
+        min_interactions=1,
+        embed=False,
+        **kw,
+    )
+
+
+def expect_failure(args: PrepareArgs, *parts: str) -> DataError:
+    """``prepare(args)`` raises a DataError naming every part; output and inputs are as before."""
+    out = Path(args.output_dir)
+    inputs = [Path(p) for p in (args.item_path, args.inter_path) if p]
+    before_inputs = {str(p): snapshot(p) for p in inputs}
+    before_out = snapshot(out) if out.exists() else None
+    siblings = sorted(out.parent.iterdir()) if out.parent.exists() else []
+    with pytest.raises(DataError) as info:
+        prepare(args)
+    msg = str(info.value)
+    for part in parts:
+        assert part in msg, f"{part!r} not in {msg!r}"
+    assert {str(p): snapshot(p) for p in inputs} == before_inputs, "an input was changed"
+    assert (snapshot(out) if out.exists() else None) == before_out, "the output was changed"
+    if out.parent.exists():
+        assert sorted(out.parent.iterdir()) == siblings, "staging folders left behind"
+    return info.value
+
+
+# --- 1. output directories -------------------------------------------------------------------
+
+
+def test_prepare_refuses_the_folder_holding_its_inputs(tmp_path: Path) -> None:
+    items, inters = shop_files(tmp_path)
+    args = generic_args(tmp_path, items, inters)
+    args.output_dir = str(items.parent)  # the folder with items.csv and inter.csv
+    expect_failure(args, str(items.parent), "field 'output_dir'", "is or contains the input")
+    args.output_dir = str(tmp_path)  # a folder above the inputs
+    expect_failure(args, "is or contains the input")
+
+
+def test_prepare_refuses_a_folder_that_is_not_a_dataset(tmp_path: Path) -> None:
+    items, inters = shop_files(tmp_path)
+    args = generic_args(tmp_path, items, inters)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("my notes")
+    expect_failure(args, str(out), "field 'output_dir'", "not a data_prep.prepare output", "notes.txt")
+    (out / "meta.json").write_text(json.dumps({"stage": "sid_tokenizer.build"}))  # another stage's output
+    expect_failure(args, "is a sid_tokenizer.build output, not a data_prep.prepare output")
+    (out / "meta.json").unlink()
+    (out / "notes.txt").unlink()
+    (out.parent / "file").write_text("x")
+    args.output_dir = str(out.parent / "file")
+    expect_failure(args, "exists and is not a directory")
+
+
+def test_prepare_replaces_an_empty_folder_and_its_own_output(tmp_path: Path) -> None:
+    items, inters = shop_files(tmp_path)
+    args = generic_args(tmp_path, items, inters)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True)  # empty: nothing to lose
+    prepare(args)
+    meta = read_json(out / "meta.json")
+    assert meta["stage"] == "data_prep.prepare" and meta["counts"]["users"] == 3
+    prepare(args)  # a rerun replaces the earlier dataset
+    del meta["stage"]  # a dataset directory written before meta.json had "stage"
+    (out / "meta.json").write_text(json.dumps(meta))
+    prepare(args)
+    assert read_json(out / "meta.json")["stage"] == "data_prep.prepare"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["dataset"]
+
+
+def test_check_output_dir_is_shared_by_any_stage(tmp_path: Path) -> None:
+    out = tmp_path / "sid"
+    out.mkdir()
+    (out / "meta.json").write_text(json.dumps({"stage": "sid_tokenizer.build"}))
+    check_output_dir(out, "sid_tokenizer.build")  # its own earlier output: fine
+    with pytest.raises(
+        DataError, match=r"sid field 'output_dir': exists and is a sid_tokenizer.build output"
+    ):
+        check_output_dir(out, "data_prep.prepare")
+    (out / "index.json").write_text("{}")
+    with pytest.raises(DataError, match="is or contains the input"):
+        check_output_dir(out, "sid_tokenizer.build", inputs=[out / "index.json"])
+    with pytest.raises(DataError, match="is or contains the input"):
+        with atomic_directory(out, stage="sid_tokenizer.build", inputs=[out / "index.json"]):
+            raise AssertionError("not reached")
+    assert (out / "index.json").read_text() == "{}"
+
+
+# --- 5. staging folders of killed runs -------------------------------------------------------
+
+
+def test_stale_staging_folders_are_removed_live_ones_kept(tmp_path: Path) -> None:
+    out = tmp_path / "dataset"
+    stale = [tmp_path / ".dataset.99999.abcdefgh.tmp", tmp_path / ".dataset.k2j4h5g6.tmp"]  # new + old names
+    for d in stale:
+        d.mkdir()
+        (d / "items.jsonl").write_text('{"item_id": 0')
+    live = tmp_path / ".dataset.12345.zzzzzzzz.tmp"
+    live.mkdir()
+    holder = subprocess.Popen(  # another process still writing there: it holds the folder's lock
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+            str(live),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        other = tmp_path / ".datasets.1.abcdefgh.tmp"  # another output's staging folder
+        other.mkdir()
+        with atomic_directory(out) as tmp:
+            (tmp / "x").write_text("1")
+        assert not any(d.exists() for d in stale)
+        assert live.exists() and other.exists() and (out / "x").read_text() == "1"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert clean_stale_staging(out) == [live]  # its writer is gone now
+
+
+def test_output_moved_aside_by_a_killed_run_is_restored(tmp_path: Path) -> None:
+    """Killed between moving the old output aside and moving the new one in: the old one comes back."""
+    out = tmp_path / "dataset"
+    old = tmp_path / ".dataset.4242.old"
+    old.mkdir()
+    (old / "meta.json").write_text(json.dumps({"stage": "data_prep.prepare"}))
+    assert clean_stale_staging(out) == [] and not old.exists()
+    assert read_json(out / "meta.json") == {"stage": "data_prep.prepare"}
+
+
+def test_prepare_killed_with_sigkill_then_rerun_leaves_no_staging(tmp_path: Path) -> None:
+    """kill -9 while prepare's staging folder exists (it is encoding item text), then rerun."""
+    out = tmp_path / "out" / "dataset"
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.prepare",
+        "--config",
+        "data_prep/configs/scientific.yaml",
+        "--output_dir",
+        str(out),
+        "--text_template",
+        "{title}",  # no shipped embeddings match this text: the encoder runs (the slow step)
+        "--embedding_cache_dir",
+        str(tmp_path),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    staging: list[Path] = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            staging = list(out.parent.glob(".dataset.*.tmp")) if out.parent.exists() else []
+            if staging and (staging[0] / "meta.json").exists():
+                break
+            time.sleep(0.02)
+        assert staging, "prepare never staged its output"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert all(p.exists() for p in staging) and not out.exists()  # what kill -9 leaves
+    subprocess.run(cmd[:7] + ["--embed", "false"], cwd=ROOT, env=env, check=True, capture_output=True)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["dataset"]
+    assert read_json(out / "meta.json")["counts"]["items"] == 4344
+
+
+# --- 4. bad inputs: decoding, compression, bytes ---------------------------------------------
+
+
+def test_truncated_gzip_names_file_and_line(tmp_path: Path) -> None:
+    items, inters = shop_files(tmp_path)
+    data = gzip.compress(inters.read_bytes())
+    gz = inters.with_name("inter.csv.gz")
+    gz.write_bytes(data[: len(data) // 2])  # cut mid-stream, as an interrupted download
+    expect_failure(generic_args(tmp_path, items, gz), "inter.csv.gz:", "corrupt or truncated gzip file")
+    reviews = tmp_path / "in" / "reviews_X_5.json.gz"
+    reviews.write_bytes(gzip.compress(b'{"reviewerID": "A", "asin": "B", "unixReviewTime": 1}\n' * 500)[:60])
+    meta = tmp_path / "in" / "meta_X.json.gz"
+    meta.write_bytes(gzip.compress(b"{'asin': 'B', 'title': 't'}\n"))
+    with pytest.raises(DataError, match=r"reviews_X_5\.json\.gz:\d+: corrupt or truncated gzip"):
+        load_amazon(reviews, meta)
+
+
+def test_gzip_content_without_gz_name_is_read(tmp_path: Path) -> None:
+    items, inters = shop_files(tmp_path)
+    inters.write_bytes(gzip.compress(inters.read_bytes()))  # compressed, but named .csv
+    assert load_generic(items, inters, min_interactions=1).num_interactions == 12
+
+
+def test_non_utf8_names_the_right_line_and_column(tmp_path: Path) -> None:
+    items, inters = shop_files(tmp_path)
+    lines = items.read_bytes().split(b"\n")
+    lines[3] = lines[3].replace(b"Thing 2", b"Th\xe9ing 2")  # latin-1 e-acute on line 4
+    items.write_bytes(b"\n".join(lines))
+    expect_failure(
+        generic_args(tmp_path, items, inters), "items.csv:4:", "not UTF-8 text: byte 0xe9 at column"
+    )
+    inter_json = tmp_path / "in" / "X.inter.json"
+    inter_json.write_bytes(b'{\n "u1": ["a", "b", "c"],\n "u2": ["\xff", "b", "c"]\n}\n')
+    with pytest.raises(DataError, match=r"X\.inter\.json:3: not UTF-8 text: byte 0xff at column 10"):
+        load_lcrec(inter_json)
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"item_id,title\ni0,Thing\x000\n", "items.csv:2: NUL byte at column 9"),
+        ("item_id,title\ni0,Thing 0\n".encode("utf-16"), "items.csv:1: the file is UTF-16 LE text"),
+    ],
+)
+def test_nul_bytes_and_utf16_files(tmp_path: Path, content: bytes, expected: str) -> None:
+    items, inters = shop_files(tmp_path)
+    items.write_bytes(content)
+    expect_failure(generic_args(tmp_path, items, inters), expected)
+
+
+def test_bom_crlf_and_bare_cr_line_endings_read_the_same(tmp_path: Path) -> None:
+    items, inters = shop_files(tmp_path)
+    ref = load_generic(items, inters, min_interactions=1)
+    for ending in (b"\r\n", b"\r"):
+        for path in (items, inters):
+            path.write_bytes(
+                b"\xef\xbb\xbf" + path.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", ending)
+            )
+        ds = load_generic(items, inters, min_interactions=1)
+        assert ds.sequences == ref.sequences and ds.items == ref.items, ending
+        for path in (items, inters):
+            path.write_bytes(path.read_bytes()[3:].replace(ending, b"\n"))
+    bom_json = tmp_path / "in" / "X.inter.json"
+    bom_json.write_bytes(b'\xef\xbb\xbf{"u1": ["a", "b", "c"]}')
+    assert load_lcrec(bom_json).sequences == [[0, 1, 2]]
+
+
+def test_empty_files(tmp_path: Path) -> None:
+    items, inters = shop_files(tmp_path, inter_name="inter.jsonl")
+    inters.write_text("")
+    expect_failure(generic_args(tmp_path, items, inters), "inter.jsonl", "no interactions")
+    empty_json = tmp_path / "in" / "X.inter.json"
+    empty_json.write_text("  \n")
+    with pytest.raises(DataError, match=r"X\.inter\.json:1: empty file"):
+        load_lcrec(empty_json)
+    with pytest.raises(DataError, match="is a directory, expected a file"):
+        list(iter_jsonl(tmp_path))
+
+
+# --- 4. bad inputs: structure ----------------------------------------------------------------
+
+
+def test_duplicated_csv_column(tmp_path: Path) -> None:
+    items, inters = shop_files(tmp_path)
+    items.write_text("item_id,title,brand,title\ni0,Thing 0,B,Other title\n")
+    expect_failure(
+        generic_args(tmp_path, items, inters),
+        "items.csv:1 field 'title'",
+        "column 'title' appears twice in the header (columns 2 and 4)",
+    )
+
+
+def test_unnamed_csv_columns(tmp_path: Path) -> None:
+    items, inters = shop_files(tmp_path)
+    ref = load_generic(items, inters, min_interactions=1)
+    items.write_text(items.read_text().replace("\n", ",\n"))  # a trailing comma on every line
+    assert load_generic(items, inters, min_interactions=1).items == ref.items
+    lines = items.read_text().split("\n")
+    lines[2] = lines[2] + "stray"
+    items.write_text("\n".join(lines))
+    expect_failure(generic_args(tmp_path, items, inters), "items.csv:3:", "which has no name in the header")
+
+
+def test_json_keys_repeated_with_different_values(tmp_path: Path) -> None:
+    items, inters = shop_files(tmp_path, inter_name="inter.jsonl")
+    rows = inters.read_text().splitlines()
+    rows[4] = rows[4][:-1] + ', "item_id": "i3"}'  # the same key again, another value: which one?
+    rows[5] = rows[5][:-1] + ', "user_id": "u1"}'  # the same key again, the same value: harmless
+    inters.write_text("\n".join(rows) + "\n")
+    expect_failure(generic_args(tmp_path, items, inters), "inter.jsonl:5 [key 'item_id']", "different values")
+
+
+def test_deeply_nested_json_and_nested_ids(tmp_path: Path) -> None:
+    items, inters = shop_files(tmp_path, inter_name="inter.jsonl")
+    rows = inters.read_text().splitlines()
+    rows[1] = '{"user_id": ' + "[" * 100000 + "]" * 100000 + "}"
+    inters.write_text("\n".join(rows) + "\n")
+    expect_failure(generic_args(tmp_path, items, inters), "inter.jsonl:2", "nested too deeply")
+    rows[1] = '{"user_id": [["u1"]], "item_id": "i1", "timestamp": 1700000000}'
+    inters.write_text("\n".join(rows) + "\n")
+    expect_failure(generic_args(tmp_path, items, inters), "inter.jsonl:2 field 'user_id'", "has type list")
+
+
+# --- 4. bad inputs: field values -------------------------------------------------------------
+
+
+def test_microsecond_nanosecond_and_mixed_unit_timestamps_are_read_correctly(tmp_path: Path) -> None:
+    s = 1_700_000_000
+    assert (
+        parse_time(s, "f")
+        == parse_time(s * 1000, "f")
+        == parse_time(s * 10**6, "f")
+        == parse_time(s * 10**9, "f")
+    )
+    items, inters = shop_files(tmp_path)
+    ref = load_generic(items, inters, min_interactions=1)
+    rows = list(csv.DictReader(inters.open()))
+    for k, r in enumerate(rows):  # every row in another unit
+        r["timestamp"] = str(int(r["timestamp"]) * 10 ** (3 * (k % 4)))
+    write_csv(inters, rows)
+    ds = load_generic(items, inters, min_interactions=1)
+    assert ds.sequences == ref.sequences
+    assert ds.meta["filtering"]["time_range"] == ref.meta["filtering"]["time_range"]
+
+
+@pytest.mark.parametrize(
+    ("stamp", "expected"),
+    [
+        ("9999-12-31", "is outside 1970-01-01..2100-01-01"),
+        ("253402300799", "no plausible epoch time (9999-12-31 as seconds, 1978-01-11 as milliseconds"),
+        ("1969-07-20", "is outside 1970-01-01..2100-01-01"),
+        ("-86400", "is not a valid epoch time"),
+        ("5000000000", "2128-06-11 as seconds"),
+        ("nan", "is not a valid epoch time"),
+    ],
+)
+def test_implausible_timestamps(tmp_path: Path, stamp: str, expected: str) -> None:
+    items, inters = shop_files(tmp_path)
+    rows = list(csv.DictReader(inters.open()))
+    rows[6]["timestamp"] = stamp
+    write_csv(inters, rows)
+    expect_failure(generic_args(tmp_path, items, inters), "inter.csv:8 field 'timestamp'", expected)
+
+
+@pytest.mark.parametrize("rating", ["nan", "NaN", "inf", "-Infinity"])
+def test_nan_and_inf_ratings_do_not_pass_min_rating(tmp_path: Path, rating: str) -> None:
+    items, inters = shop_files(tmp_path)
+    rows = list(csv.DictReader(inters.open()))
+    for r in rows:
+        r["rating"] = "5"
+    rows[2]["rating"] = rating
+    write_csv(inters, rows)
+    expect_failure(
+        generic_args(tmp_path, items, inters, min_rating=4.0),
+        "inter.csv:4 field 'rating'",
+        "not a finite number",
+    )
+    jsonl = tmp_path / "in" / "inter.jsonl"
+    jsonl.write_text("".join(json.dumps(r).replace(f'"{rating}"', "NaN") + "\n" for r in rows))
+    expect_failure(
+        generic_args(tmp_path, items, jsonl, min_rating=4.0), "inter.jsonl:3:", "NaN is not valid JSON"
+    )
+
+
+def test_angle_brackets_in_titles_survive_cleaning() -> None:
+    assert clean_text("Screws <M3> pack, 5 < 6 > 4") == "Screws <M3> pack, 5 < 6 > 4"
+    assert clean_text("Rise Time: <=14ns* Respond: >=5Hz") == "Rise Time: <=14ns* Respond: >=5Hz"
+    assert clean_text("Line<br>break <p class='x'>para</p><!-- c --> <B>bold</B>") == "Line break para bold"
+    assert clean_text("&lt;script&gt;alert(1)&lt;/script&gt;Safe") == "Safe"
+    # SID-shaped text would tokenize into SID tokens: it is rewritten, not deleted
+    assert clean_text("Kit <a_12><b_3> v2") == "Kit [a_12][b_3] v2"
+
+
+def test_scientific_description_with_angle_brackets_keeps_its_text() -> None:
+    ds = load_lcrec(SCIENTIFIC / "Scientific.inter.json", SCIENTIFIC / "Scientific.item.json")
+    owon = next(it for it in ds.items if it.title.startswith("Owon VDS1022I"))
+    assert "Rise Time: <=14ns* Record Length: 5K" in owon.description  # was cut from "<" to ">"
+
+
+def test_title_given_as_a_json_object(tmp_path: Path) -> None:
+    items, inters = shop_files(tmp_path, items_name="items.jsonl")
+    rows = [json.loads(x) for x in items.read_text().splitlines()]
+    rows[1]["title"] = {"en": "Thing 1", "de": "Ding 1"}
+    write_jsonl(items, rows)
+    expect_failure(
+        generic_args(tmp_path, items, inters), "items.jsonl:2 [key 'i1'] field 'title'", "got dict"
+    )
+    rows[1]["title"] = ["Thing 1", {"en": "x"}]  # a list with an object inside
+    write_jsonl(items, rows)
+    expect_failure(
+        generic_args(tmp_path, items, inters), "items.jsonl:2 [key 'i1'] field 'title'", "got dict"
+    )
+    rows[1]["title"], rows[1]["specs"] = "Thing 1", {"w": 3}  # an extra column holding an object
+    write_jsonl(items, rows)
+    expect_failure(generic_args(tmp_path, items, inters), "items.jsonl:2 [key 'i1'] field 'specs'", "flatten")
+    item_json = tmp_path / "in" / "X.item.json"
+    item_json.write_text(json.dumps({"a": {"title": "A"}, "b": {"title": {"en": "B"}}}))
+    inter_json = tmp_path / "in" / "X.inter.json"
+    inter_json.write_text(json.dumps({"u": ["a", "b", "a"]}))
+    with pytest.raises(DataError, match=r"X\.item\.json \[key 'b'\] field 'title': expected text.*got dict"):
+        load_lcrec(inter_json, item_json)
+    item_json.write_text(json.dumps({"a": {"title": "A", "categories": {"x": 1}}, "b": {"title": "B"}}))
+    with pytest.raises(DataError, match=r"X\.item\.json \[key 'a'\] field 'categories'"):
+        load_lcrec(inter_json, item_json)
+
+
+def test_amazon_metadata_with_object_title(tmp_path: Path) -> None:
+    reviews = tmp_path / "X.json.gz"
+    reviews.write_bytes(gzip.compress(b'{"reviewerID": "A", "asin": "B1", "unixReviewTime": 1400000000}\n'))
+    meta = tmp_path / "meta_X.json.gz"
+    meta.write_bytes(gzip.compress(b'{"asin": "B1", "title": {"text": "t"}, "category": ["x"]}\n'))
+    with pytest.raises(DataError, match=r"meta_X\.json\.gz:1 \[key 'B1'\] field 'title': expected text"):
+        load_amazon(reviews, meta)
+
+
+def test_text_template_must_be_plain_fields() -> None:
+    item = Item(item_id=0, raw_id="a", title="A", extra={"specs": {"w": 3}})
+    assert render_item_text(item, "{title}!") == "A!"
+    for template, expected in [
+        ("{0}", "not a plain"),
+        ("{title.__class__}", "not a plain"),
+        ("{title:>99}", "not a plain"),
+        ("{nope}", "unknown field 'nope'"),
+        ("{title", "expected '}'"),
+    ]:
+        with pytest.raises(ValueError, match=expected):
+            render_item_text(item, template)
+
+
+# --- 4. embeddings ---------------------------------------------------------------------------
+
+
+def test_huge_finite_embeddings_are_refused_before_faiss(tmp_path: Path) -> None:
+    emb = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    emb[5, 3] = 3e30  # finite, but its square overflows float32: faiss would abort the process
+    path = tmp_path / "emb.npy"
+    np.save(path, emb)
+    with pytest.raises(DataError, match=r"emb\.npy: bad embedding matrix: row 5 column 3 is 3e\+30"):
+        load_embeddings(path, num_items=16)
+    with pytest.raises(ValueError, match="row 5 column 3 is 3e"):
+        make_quantizer("rkmeans", num_levels=2, codebook_size=4).fit(emb)
+    np.save(path, emb.astype(np.complex64))
+    with pytest.raises(DataError, match="dtype complex64 is not a real number type"):
+        load_embeddings(path, num_items=16)
+    path.write_bytes(path.read_bytes()[:100])  # truncated file
+    with pytest.raises(DataError, match="not a readable .npy array"):
+        load_embeddings(path, num_items=16)
+
+
+def test_dataset_dir_with_a_broken_row(tmp_path: Path) -> None:
+    items, inters = shop_files(tmp_path)
+    args = generic_args(tmp_path, items, inters)
+    prepare(args)
+    out = Path(args.output_dir)
+    text = (out / "valid.jsonl").read_text().splitlines()
+    text[1] = '{"user_id": 1, "history": [0]}'
+    (out / "valid.jsonl").write_text("\n".join(text) + "\n")
+    with pytest.raises(DataError, match=r"valid\.jsonl:2 field 'target': missing field"):
+        RecDataset.load(out)
+
+
+def test_flock_is_available() -> None:
+    """The staging-folder locks use flock(2); fail loudly on a platform without it."""
+    assert hasattr(fcntl, "flock")
