@@ -15,9 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.dataset import RecDataset
+from data_prep.dataset import DATASET_FILES, STAGE, RecDataset
 from data_prep.embed import DEFAULT_ENCODER, embed_items, embeddings_path, text_hash
-from data_prep.io import atomic_directory, read_json
+from data_prep.io import DataError, atomic_directory, check_output_dir, read_json
 from data_prep.kcore import check_split
 from data_prep.loaders import amazon, generic, minionerec
 from data_prep.loaders.lcrec import load_lcrec
@@ -122,13 +122,32 @@ def _reuse_cached_embeddings(
         logger.info("shipped embeddings %s do not match this item text; recomputing", src)
 
 
+def _input_paths(args: PrepareArgs, ds: RecDataset | None = None, sid_source: str | None = None) -> list[str]:
+    """Every file or folder this run reads: ``output_dir`` must be none of them and hold none."""
+    paths = [args.inter_path, args.item_path, args.valid_csv, args.test_csv, args.sid_index_path, sid_source]
+    paths += list(args.extra_paths)
+    if (
+        args.embedding_cache_dir
+        and Path(args.embedding_cache_dir).resolve() != Path(args.output_dir).resolve()
+    ):
+        paths.append(args.embedding_cache_dir)  # (a rerun may reuse the embeddings of its own output)
+    source = (ds.meta.get("source") if ds is not None else None) or {}
+    paths += [v for v in source.values() if isinstance(v, str) and not v.startswith("<") and Path(v).exists()]
+    return [str(p) for p in paths if p]
+
+
 def prepare(args: PrepareArgs, dataset: RecDataset | None = None) -> RecDataset:
     """Load (or take ``dataset``, e.g. from ``generic.load_generic`` on a HF dataset), render item
     text, check the split, and write the dataset directory with its SID index and embeddings.
 
     Everything is staged in a temporary sibling directory that replaces ``output_dir`` only at the
     end: a failure at any step leaves no partial directory (and an earlier good one unchanged).
+    ``output_dir`` is replaced only when it is absent, empty or an earlier dataset directory, and
+    when it neither is nor contains an input (``data_prep.io.check_output_dir``); staging folders
+    left by a killed run are removed.
     """
+    out = Path(args.output_dir)
+    check_output_dir(out, STAGE, _input_paths(args), DATASET_FILES)  # before the (long) loading
     if dataset is None:
         if args.format not in LOADERS:
             raise ValueError(f"unknown format {args.format!r}; choose one of {sorted(LOADERS)}")
@@ -142,9 +161,9 @@ def prepare(args: PrepareArgs, dataset: RecDataset | None = None) -> RecDataset:
     if sid_source is not None:  # validated before anything is written
         sid_index = read_sid_index_json(sid_source, raw_ids=[it.raw_id for it in ds.items])
         ds.meta.update(sid_index=minionerec.SID_INDEX_FILE, sid_index_source=str(sid_source))
-    out = Path(args.output_dir)
-    with atomic_directory(out) as stage:
-        ds.save(
+    inputs = _input_paths(args, ds, sid_source)
+    with atomic_directory(out, stage=STAGE, inputs=inputs, legacy_files=DATASET_FILES) as stage:
+        ds.write(
             stage,
             extra_meta={
                 "text_template": args.text_template,
@@ -173,7 +192,11 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (args,) = TrlParser((PrepareArgs,)).parse_args_and_config()
-    prepare(args)
+    try:
+        prepare(args)
+    except DataError as e:  # bad input: the message says where; a traceback would only bury it
+        logger.error("%s", e)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -18,6 +18,28 @@ from data_prep.io import DataError, atomic_write_json, read_json
 
 LEVEL_PREFIXES = string.ascii_lowercase
 _TOKEN = re.compile(r"<([a-z])_(\d+)>")
+# Every code of every level is one new LLM token (and a row of the constrained-decoding tables).
+# 3 levels x 65,536 codes are 196,608 tokens, more than Qwen2's whole vocabulary (151,646), and
+# far above what LC-Rec / MiniOneRec / TIGER use (256 per level). A larger code in a third-party
+# index is corruption, not a design: <a_99999999999> made a 10^11-entry vocabulary (> 300 s, 6.6 GB
+# before it was capped).
+MAX_CODEBOOK_SIZE = 65536
+MAX_LEVELS = len(LEVEL_PREFIXES)  # levels are named a..z
+
+
+def check_level_sizes(level_sizes: tuple[int, ...] | list[int]) -> str | None:
+    """Why ``level_sizes`` is not a usable SID layout, or None."""
+    if not level_sizes:
+        return "no levels"
+    if len(level_sizes) > MAX_LEVELS:
+        return f"{len(level_sizes)} levels, at most {MAX_LEVELS} (named a..z)"
+    for lv, n in enumerate(level_sizes):
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 1 <= int(n) <= MAX_CODEBOOK_SIZE:
+            return (
+                f"codebook size {n!r} at level {LEVEL_PREFIXES[lv]!r}: expected an integer in "
+                f"1..{MAX_CODEBOOK_SIZE} (each code is one LLM token)"
+            )
+    return None
 
 
 def sid_token(level: int, code: int) -> str:
@@ -48,12 +70,22 @@ def read_sid_index_json(
             toks = found if "".join(found) == toks.strip() else None
         if not isinstance(toks, list) or not toks:
             raise DataError(path, f"expected a list of SID tokens, got {raw[key]!r}", key=key)
+        if len(toks) > MAX_LEVELS:
+            raise DataError(path, f"SID has {len(toks)} tokens, at most {MAX_LEVELS} levels (a..z)", key=key)
         row = []
         for lv, t in enumerate(toks):
-            m = _TOKEN.fullmatch(str(t))
+            m = _TOKEN.fullmatch(t) if isinstance(t, str) else None
             if m is None or m.group(1) != LEVEL_PREFIXES[lv]:
                 raise DataError(path, f"token {lv + 1} is {t!r}, expected <{LEVEL_PREFIXES[lv]}_N>", key=key)
-            row.append(int(m.group(2)))
+            digits = m.group(2)
+            if len(digits) > 6 or int(digits) >= MAX_CODEBOOK_SIZE:  # length first: no huge ints
+                raise DataError(
+                    path,
+                    f"token {t[:20]!r}: code {digits[:12]}{'...' if len(digits) > 12 else ''} is not below the "
+                    f"codebook cap {MAX_CODEBOOK_SIZE} (each code is one LLM token)",
+                    key=key,
+                )
+            row.append(int(digits))
         if num_levels is None:
             num_levels = len(row)
         elif len(row) != num_levels:
@@ -64,6 +96,8 @@ def read_sid_index_json(
         level_sizes = tuple(int(2 ** int(np.ceil(np.log2(max(int(m) + 1, 2))))) for m in codes.max(0))
     elif len(level_sizes) != codes.shape[1]:
         raise DataError(path, f"SIDs have {codes.shape[1]} levels, level_sizes gives {len(level_sizes)}")
+    elif (problem := check_level_sizes(tuple(level_sizes))) is not None:
+        raise DataError(path, f"level_sizes: {problem}", field="level_sizes")
     else:
         over = codes >= np.asarray(level_sizes)
         if over.any():

@@ -31,7 +31,14 @@ import numpy as np
 
 from data_prep.dataset import RecDataset
 from data_prep.embed import DEFAULT_ENCODER, embeddings_path, load_embeddings
-from data_prep.io import DataError, atomic_directory, atomic_write_json, file_sha256, read_json
+from data_prep.io import (
+    DataError,
+    atomic_directory,
+    atomic_write_json,
+    check_output_dir,
+    file_sha256,
+    read_json,
+)
 from data_prep.provenance import run_info
 from sid_tokenizer.catalog import load_sid_dir
 from sid_tokenizer.collisions import STRATEGIES, collision_stats, pick_free_codes, resolve_collisions
@@ -40,6 +47,8 @@ from sid_tokenizer.report import level_usage, plot_usage, reconstruction_error
 from sid_tokenizer.sid import SidIndex, SidVocab
 
 logger = logging.getLogger(__name__)
+
+STAGE = "sid_tokenizer.build"  # meta.json "stage" of a SID directory
 
 
 @dataclass
@@ -147,6 +156,9 @@ def build(args: BuildArgs) -> Path:
     """Run the whole stage; returns the output directory."""
     timer = StageTimer()
     started = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    out = Path(args.output_dir)
+    inputs = [args.dataset_dir, args.embeddings_file, args.index_path]
+    check_output_dir(out, STAGE, inputs)  # before fitting: never replace a dataset or other folder
     with timer("load"):
         ds = RecDataset.load(args.dataset_dir)
         raw_ids = [it.raw_id for it in ds.items]
@@ -209,8 +221,7 @@ def build(args: BuildArgs) -> Path:
         "seconds": timer.seconds,
         "config": config,
     }
-    out = Path(args.output_dir)
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, stage=STAGE, inputs=inputs) as tmp:
         with timer("write"):
             index.save(tmp / "index.json")
             if quantizer is not None:
@@ -226,7 +237,7 @@ def build(args: BuildArgs) -> Path:
         atomic_write_json(
             tmp / "meta.json",
             {
-                "stage": "sid_tokenizer.build",
+                "stage": STAGE,
                 "created": started,
                 "inputs": inputs,
                 "config": config,
@@ -304,7 +315,11 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (args,) = TrlParser((BuildArgs,)).parse_args_and_config()
-    build(args)
+    try:
+        build(args)
+    except DataError as e:  # bad input: the message says where; a traceback would only bury it
+        logger.error("%s", e)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

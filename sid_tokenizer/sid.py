@@ -14,7 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.sid_json import _TOKEN, LEVEL_PREFIXES, read_sid_index_json, write_sid_index_json
+from data_prep.sid_json import (
+    _TOKEN,
+    LEVEL_PREFIXES,
+    check_level_sizes,
+    read_sid_index_json,
+    write_sid_index_json,
+)
 
 
 class SidFormatError(ValueError):
@@ -26,6 +32,11 @@ class SidVocab:
     """Codebook sizes per level, e.g. (256, 256, 256) -> tokens <a_0>..<c_255>."""
 
     level_sizes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        problem = check_level_sizes(self.level_sizes)
+        if problem is not None:  # e.g. sizes from a hand-edited meta.json
+            raise SidFormatError(f"SID layout {tuple(self.level_sizes)}: {problem}")
 
     @property
     def num_levels(self) -> int:

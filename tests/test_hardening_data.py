@@ -38,6 +38,7 @@ from data_prep.loaders.generic import load_generic
 from data_prep.loaders.lcrec import load_lcrec
 from data_prep.prepare import PrepareArgs, prepare
 from data_prep.text import clean_text, render_item_text
+from sid_tokenizer.build import BuildArgs, build
 from sid_tokenizer.quantizers import make_quantizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -554,3 +555,117 @@ def test_dataset_dir_with_a_broken_row(tmp_path: Path) -> None:
 def test_flock_is_available() -> None:
     """The staging-folder locks use flock(2); fail loudly on a platform without it."""
     assert hasattr(fcntl, "flock")
+
+
+# --- the SID stage ---------------------------------------------------------------------------
+
+
+def tiny_dataset(tmp: Path) -> tuple[Path, Path]:
+    """A prepared 4-item dataset directory and a (4, 8) embedding file for it."""
+    items, inters = shop_files(tmp)
+    args = generic_args(tmp, items, inters)
+    prepare(args)
+    emb = tmp / "emb.npy"
+    np.save(emb, np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32))
+    return Path(args.output_dir), emb
+
+
+def build_args(dataset_dir: Path, emb: Path, output_dir: Path, **kw) -> BuildArgs:
+    return BuildArgs(
+        dataset_dir=str(dataset_dir),
+        embeddings_file=str(emb),
+        output_dir=str(output_dir),
+        num_levels=2,
+        codebook_size=2,
+        kmeans_niter=2,
+        **kw,
+    )
+
+
+def test_build_refuses_the_dataset_dir_and_foreign_folders(tmp_path: Path) -> None:
+    ds_dir, emb = tiny_dataset(tmp_path)
+    before = snapshot(ds_dir)
+    with pytest.raises(DataError, match=r"dataset field 'output_dir': is or contains the input"):
+        build(build_args(ds_dir, emb, ds_dir))
+    with pytest.raises(DataError, match="is or contains the input"):
+        build(build_args(ds_dir, emb, tmp_path / "out"))  # the folder above the dataset
+    assert snapshot(ds_dir) == before
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not a sid_tokenizer.build output"):
+        build(build_args(ds_dir, emb, notes))
+    assert (notes / "todo.txt").read_text() == "keep me"
+    sid = tmp_path / "sid"
+    build(build_args(ds_dir, emb, sid))
+    build(build_args(ds_dir, emb, sid, seed=1))  # its own earlier output: replaced
+    assert read_json(sid / "meta.json")["config"]["seed"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_build_refuses_huge_embeddings_instead_of_aborting(tmp_path: Path) -> None:
+    ds_dir, emb = tiny_dataset(tmp_path)
+    x = np.load(emb)
+    x[2, 1] = -7e25
+    np.save(emb, x)
+    with pytest.raises(DataError, match=r"emb\.npy: bad embedding matrix: row 2 column 1 is -7e\+25"):
+        build(build_args(ds_dir, emb, tmp_path / "sid"))
+    assert not (tmp_path / "sid").exists()
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        (["<a_99999999999>", "<b_1>"], "code 99999999999 is not below the codebook cap 65536"),
+        (["<a_" + "9" * 400 + ">", "<b_1>"], "code 999999999999... is not below the codebook cap"),
+        ([f"<{chr(97 + lv % 26)}_1>" for lv in range(27)], "SID has 27 tokens, at most 26 levels"),
+        (["<a_1>", 7], "token 2 is 7, expected <b_N>"),
+    ],
+)
+def test_imported_index_with_absurd_codes(tmp_path: Path, entry: list, expected: str) -> None:
+    ds_dir, emb = tiny_dataset(tmp_path)
+    raw_ids = [it.raw_id for it in RecDataset.load(ds_dir).items]
+    index = tmp_path / "in" / "X.index.json"
+    index.write_text(
+        json.dumps({r: ["<a_1>", f"<b_{k}>"] for k, r in enumerate(raw_ids)} | {raw_ids[1]: entry})
+    )
+    started = time.perf_counter()
+    with pytest.raises(DataError) as info:
+        build(build_args(ds_dir, emb, tmp_path / "sid", index_path=str(index)))
+    assert time.perf_counter() - started < 5  # no vocabulary of 10^11 tokens is ever built
+    assert "X.index.json" in str(info.value) and f"key {raw_ids[1]!r}" in str(info.value)
+    assert expected in str(info.value)
+    index.write_text(json.dumps({r: ["<a_1>", f"<b_{k}>"] for k, r in enumerate(raw_ids)}))
+    with pytest.raises(DataError, match=r"level_sizes: codebook size 1000000 at level 'a'"):
+        build(build_args(ds_dir, emb, tmp_path / "sid", index_path=str(index), level_sizes=[10**6, 8]))
+    assert not (tmp_path / "sid").exists()
+    with pytest.raises(ValueError, match="codebook_size must be <= 65536"):
+        make_quantizer("rkmeans", codebook_size=10**6)
+
+
+def test_minionerec_csv_with_a_duplicated_column(tmp_path: Path) -> None:
+    from tests.test_bad_input import COLUMNS, _row, mini_files
+
+    args = mini_files(tmp_path)
+    rows = [_row("A1", [0, 1, 2], 3)]
+    with open(args.test_csv, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow([*COLUMNS, "item_id"])
+        w.writerows([[r[c] for c in COLUMNS] + ["5"] for r in rows])
+    with pytest.raises(DataError, match=r"test\.csv:1 field 'item_id': column 'item_id' appears twice"):
+        prepare(args)
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path) -> None:
+    items, inters = shop_files(tmp_path)
+    before = snapshot(items.parent)
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_prep.prepare", "--format", "generic", "--item_path", str(items),
+         "--inter_path", str(inters), "--output_dir", str(items.parent), "--embed", "false"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "field 'output_dir': is or contains the input" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert snapshot(items.parent) == before

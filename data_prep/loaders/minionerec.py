@@ -25,17 +25,16 @@ chronological sequences the two CSVs show (valid part + test part, joined on the
 from __future__ import annotations
 
 import ast
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from data_prep.dataset import Example, Item, RecDataset
+from data_prep.dataset import Example, RecDataset
 from data_prep.io import DataError
-from data_prep.loaders.lcrec import _sort_ids, read_catalogue
+from data_prep.io import read_csv as read_csv_rows
+from data_prep.loaders.lcrec import _sort_ids, item_from_fields, read_catalogue
 from data_prep.sid_json import read_sid_index_json, sid_token
-from data_prep.text import clean_text, split_categories
 
 if TYPE_CHECKING:
     from data_prep.prepare import PrepareArgs
@@ -57,7 +56,7 @@ class CsvRow:
 def _parse_list(path: Path, line: int, field: str, text: str) -> list:
     try:
         value = ast.literal_eval(text)  # literals only: never eval() file contents
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         raise DataError(
             path,
             f"malformed list {text[:60]!r}: expected a Python list literal such as [12, 7]",
@@ -83,68 +82,61 @@ def _item_id(path: Path, line: int, field: str, value: object, catalogue: dict[s
 def read_csv(path: str | Path, catalogue: dict[str, int], sids: list[str]) -> list[CsvRow]:
     """Read a MiniOneRec valid/test CSV; ``catalogue`` maps raw id -> dense id, ``sids`` dense id -> SID."""
     path = Path(path)
-    if not path.exists():
-        raise DataError(path, "file not found")
     rows = []
-    with open(path, encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
+    header, records = read_csv_rows(path)  # decoding, duplicate columns, extra fields: DataErrors
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise DataError(
+            path, f"missing required column(s) {missing}; header is {header}", line=1, field=missing[0]
+        )
+    for line, rec in records:
+        short = [c for c in REQUIRED_COLUMNS if rec[c] is None]
+        if short:
             raise DataError(
-                path, f"missing required column(s) {missing}; header is {header}", line=1, field=missing[0]
+                path,
+                f"row has fewer fields than the {len(header)} columns of the header",
+                line=line,
+                field=short[0],
             )
-        try:
-            for rec in reader:
-                line = reader.line_num
-                if None in rec or any(rec[c] is None for c in REQUIRED_COLUMNS):
-                    raise DataError(
-                        path,
-                        f"row has {len(header) + len(rec.get(None) or [])} fields or "
-                        f"fewer than the {len(header)} columns of the header",
-                        line=line,
-                    )
-                user = rec["user_id"].strip()
-                if not user:
-                    raise DataError(path, "empty user id", line=line, field="user_id")
-                history = [
-                    _item_id(path, line, "history_item_id", i, catalogue)
-                    for i in _parse_list(path, line, "history_item_id", rec["history_item_id"])
-                ]
-                if not history:
-                    raise DataError(
-                        path,
-                        "empty history: every row needs at least one earlier item",
-                        line=line,
-                        field="history_item_id",
-                    )
-                target = _item_id(path, line, "item_id", rec["item_id"].strip(), catalogue)
-                if rec["item_sid"].strip() != sids[target]:
-                    raise DataError(
-                        path,
-                        f"item_sid {rec['item_sid']!r} differs from the index's SID "
-                        f"{sids[target]!r} of item {rec['item_id']}",
-                        line=line,
-                        field="item_sid",
-                    )
-                if rec.get("history_item_sid"):
-                    hist_sids = _parse_list(path, line, "history_item_sid", rec["history_item_sid"])
-                    expected = [sids[i] for i in history]
-                    if hist_sids != expected:
-                        pos = next(
-                            (k for k, (a, b) in enumerate(zip(hist_sids, expected, strict=False)) if a != b),
-                            min(len(hist_sids), len(expected)),
-                        )
-                        raise DataError(
-                            path,
-                            f"history_item_sid differs from the index at position {pos} "
-                            f"({len(hist_sids)} SIDs for {len(expected)} items)",
-                            line=line,
-                            field="history_item_sid",
-                        )
-                rows.append(CsvRow(line, user, history, target))
-        except csv.Error as e:
-            raise DataError(path, f"malformed CSV: {e}", line=reader.line_num) from None
+        user = rec["user_id"].strip()
+        if not user:
+            raise DataError(path, "empty user id", line=line, field="user_id")
+        history = [
+            _item_id(path, line, "history_item_id", i, catalogue)
+            for i in _parse_list(path, line, "history_item_id", rec["history_item_id"])
+        ]
+        if not history:
+            raise DataError(
+                path,
+                "empty history: every row needs at least one earlier item",
+                line=line,
+                field="history_item_id",
+            )
+        target = _item_id(path, line, "item_id", rec["item_id"].strip(), catalogue)
+        if rec["item_sid"].strip() != sids[target]:
+            raise DataError(
+                path,
+                f"item_sid {rec['item_sid']!r} differs from the index's SID "
+                f"{sids[target]!r} of item {rec['item_id']}",
+                line=line,
+                field="item_sid",
+            )
+        if rec.get("history_item_sid"):
+            hist_sids = _parse_list(path, line, "history_item_sid", rec["history_item_sid"])
+            expected = [sids[i] for i in history]
+            if hist_sids != expected:
+                pos = next(
+                    (k for k, (a, b) in enumerate(zip(hist_sids, expected, strict=False)) if a != b),
+                    min(len(hist_sids), len(expected)),
+                )
+                raise DataError(
+                    path,
+                    f"history_item_sid differs from the index at position {pos} "
+                    f"({len(hist_sids)} SIDs for {len(expected)} items)",
+                    line=line,
+                    field="history_item_sid",
+                )
+        rows.append(CsvRow(line, user, history, target))
     if not rows:
         raise DataError(path, "no data rows")
     return rows
@@ -190,17 +182,7 @@ def load_minionerec(
     dense = {r: d for d, r in enumerate(raw_ids)}
     _, codes, _ = read_sid_index_json(index_path, raw_ids=raw_ids)
     sids = ["".join(sid_token(lv, c) for lv, c in enumerate(row)) for row in codes.tolist()]
-    items = [
-        Item(
-            item_id=dense[r],
-            raw_id=r,
-            title=clean_text(f.get("title")),
-            description=clean_text(f.get("description")),
-            brand=clean_text(f.get("brand")),
-            categories=split_categories(f.get("categories")),
-        )
-        for r, f in ((r, catalogue[r]) for r in raw_ids)
-    ]
+    items = [item_from_fields(item_path, dense[r], r, catalogue[r]) for r in raw_ids]
 
     valid_rows = read_csv(valid_csv, dense, sids)
     test_rows = read_csv(test_csv, dense, sids)

@@ -27,6 +27,7 @@ import numpy as np
 
 from data_prep.embed import embedding_problem
 from data_prep.io import DataError, atomic_write_bytes, atomic_write_json, read_json
+from data_prep.sid_json import MAX_CODEBOOK_SIZE, MAX_LEVELS
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,14 @@ class QuantizerConfig:
             raise ValueError(f"num_levels must be >= 1, got {self.num_levels}")
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size must be >= 2, got {self.codebook_size}")
+        if self.codebook_size > MAX_CODEBOOK_SIZE:
+            raise ValueError(
+                f"codebook_size must be <= {MAX_CODEBOOK_SIZE} (each code is one LLM token), got {self.codebook_size}"
+            )
+        if self.num_levels > MAX_LEVELS:
+            raise ValueError(
+                f"num_levels must be <= {MAX_LEVELS} (levels are named a..z), got {self.num_levels}"
+            )
 
     @property
     def level_sizes(self) -> tuple[int, ...]:
