@@ -23,7 +23,7 @@ from data_prep.loaders import amazon, generic, minionerec
 from data_prep.loaders.lcrec import load_lcrec
 from data_prep.provenance import run_info
 from data_prep.sid_json import read_sid_index_json, write_sid_index_json
-from data_prep.text import DEFAULT_TEMPLATE, render_item_text
+from data_prep.text import DEFAULT_TEMPLATE, render_item_text, template_fields
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,24 @@ def _reuse_cached_embeddings(
         logger.info("shipped embeddings %s do not match this item text; recomputing", src)
 
 
+def _check_template(template: str, ds: RecDataset) -> None:
+    """Every field the item text template names must be an item column (DataError on the items file)."""
+    names = template_fields(template)  # a malformed template is a ValueError (config, not data)
+    columns = {"title", "brand", "categories", "description"} | (
+        set(ds.items[0].extra) if ds.items else set()
+    )
+    missing = [n for n in names if n not in columns]
+    if missing:
+        source = ds.meta.get("source") or {}
+        where = source.get("items") or source.get("metadata") or f"<items of {ds.name}>"
+        raise DataError(
+            where,
+            f"the item text template {template!r} names {missing[0]!r}, which is not a column of the "
+            f"items; the columns are {sorted(columns)}",
+            field=missing[0],
+        )
+
+
 def _input_paths(args: PrepareArgs, ds: RecDataset | None = None, sid_source: str | None = None) -> list[str]:
     """Every file or folder this run reads: ``output_dir`` must be none of them and hold none."""
     paths = [args.inter_path, args.item_path, args.valid_csv, args.test_csv, args.sid_index_path, sid_source]
@@ -153,6 +171,7 @@ def prepare(args: PrepareArgs, dataset: RecDataset | None = None) -> RecDataset:
             raise ValueError(f"unknown format {args.format!r}; choose one of {sorted(LOADERS)}")
         dataset = LOADERS[args.format](args)
     ds = dataset
+    _check_template(args.text_template, ds)
     for it in ds.items:
         it.text = render_item_text(it, args.text_template, args.max_description_chars)
     check_split(ds)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import gzip
+import io
 import json
 import os
 import signal
@@ -669,3 +670,62 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path: Path) -> None:
     assert "field 'output_dir': is or contains the input" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert snapshot(items.parent) == before
+
+
+def test_guide_shows_the_messages_prepare_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/own_data.md lists the messages for broken copies of the example shop: they are real."""
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    good_items = (ROOT / "data" / "example_shop" / "items.csv").read_bytes()
+    good_inter = (ROOT / "data" / "example_shop" / "interactions.csv").read_bytes()
+    messages = []
+
+    def run(
+        items: str = "bad/items.csv", inter: str = "bad/interactions.csv", out: str = "o/ds", **kw
+    ) -> None:
+        args = PrepareArgs(
+            format="generic",
+            item_path=items,
+            inter_path=inter,
+            output_dir=out,
+            embed=False,
+            min_interactions=3,
+            **kw,
+        )
+        with pytest.raises(DataError) as info:
+            prepare(args)
+        messages.append(str(info.value))
+        (bad / "items.csv").write_bytes(good_items)
+        (bad / "interactions.csv").write_bytes(good_inter)
+
+    run()  # reset the files
+    messages.clear()
+    lines = good_items.split(b"\n")
+    lines[6] = lines[6].replace(b"e", b"\xe9", 1)
+    (bad / "items.csv").write_bytes(b"\n".join(lines))
+    run()
+    (bad / "items.csv").write_bytes(good_items.replace(b"item_id,title,", b"item_id,title,title,", 1))
+    run()
+    data = gzip.compress(good_inter)
+    (bad / "interactions.csv.gz").write_bytes(data[: len(data) // 2])
+    run(inter="bad/interactions.csv.gz")
+    rows = list(csv.DictReader(io.StringIO(good_inter.decode())))
+    rows[4]["timestamp"] = "9999-12-31"
+    write_csv(bad / "interactions.csv", rows)
+    run()
+    items = list(csv.DictReader(io.StringIO(good_items.decode())))
+    items[2]["title"] = {"en": items[2]["title"]}
+    write_jsonl(bad / "items.jsonl", items)
+    run(items="bad/items.jsonl")
+    write_csv(
+        bad / "interactions.csv", [{**r, "rating": "nan" if k == 5 else "5"} for k, r in enumerate(rows)]
+    )
+    (bad / "interactions.csv").write_text(
+        (bad / "interactions.csv").read_text().replace("9999-12-31", "2024-02-01")
+    )
+    run(min_rating=4)
+    run(out="bad")
+    guide = (ROOT / "docs" / "own_data.md").read_text()
+    for msg in messages:
+        assert msg in guide, msg
