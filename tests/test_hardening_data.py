@@ -699,8 +699,8 @@ def test_guide_shows_the_messages_prepare_gives(tmp_path: Path, monkeypatch: pyt
         (bad / "items.csv").write_bytes(good_items)
         (bad / "interactions.csv").write_bytes(good_inter)
 
-    run()  # reset the files
-    messages.clear()
+    (bad / "items.csv").write_bytes(good_items)
+    (bad / "interactions.csv").write_bytes(good_inter)
     lines = good_items.split(b"\n")
     lines[6] = lines[6].replace(b"e", b"\xe9", 1)
     (bad / "items.csv").write_bytes(b"\n".join(lines))
@@ -718,11 +718,9 @@ def test_guide_shows_the_messages_prepare_gives(tmp_path: Path, monkeypatch: pyt
     items[2]["title"] = {"en": items[2]["title"]}
     write_jsonl(bad / "items.jsonl", items)
     run(items="bad/items.jsonl")
+    rows = list(csv.DictReader(io.StringIO(good_inter.decode())))
     write_csv(
         bad / "interactions.csv", [{**r, "rating": "nan" if k == 5 else "5"} for k, r in enumerate(rows)]
-    )
-    (bad / "interactions.csv").write_text(
-        (bad / "interactions.csv").read_text().replace("9999-12-31", "2024-02-01")
     )
     run(min_rating=4)
     run(out="bad")
