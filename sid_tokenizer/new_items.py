@@ -40,7 +40,7 @@ def add_items(
     """
     from data_prep.dataset import Item
     from data_prep.embed import DEFAULT_ENCODER, encode_texts
-    from data_prep.text import render_item_text, split_categories
+    from data_prep.text import field_text, render_item_text
     from sid_tokenizer.build import assign_new_items
     from sid_tokenizer.collisions import pick_free_codes
     from sid_tokenizer.quantizers import Quantizer
@@ -73,14 +73,25 @@ def add_items(
             if not isinstance(title, str) or not title.strip():
                 raise DataError(items_jsonl, "expected a non-empty title", line=lineno, field="title")
             known.add(raw)
+
+            def text(name: str, categories: bool = False, obj=obj, lineno=lineno, raw=raw):
+                # cleaned like catalogue items; a JSON object is a DataError, not its repr
+                return field_text(
+                    obj.get(name), items_jsonl, line=lineno, key=raw, field=name, categories=categories
+                )
+
             item = Item(
                 item_id=len(cat.raw_ids) + len(rows),
                 raw_id=raw,
-                title=title.strip(),
-                description=str(obj.get("description") or ""),
-                brand=str(obj.get("brand") or ""),
-                categories=split_categories(obj.get("categories")),
+                title=text("title"),
+                description=text("description"),
+                brand=text("brand"),
+                categories=text("categories", categories=True),
             )
+            if not item.title:
+                raise DataError(items_jsonl, "expected a non-empty title", line=lineno, field="title")
+            if obj.get("text") is not None and not isinstance(obj["text"], str):
+                raise DataError(items_jsonl, "expected text", line=lineno, key=raw, field="text")
             item.text = str(obj.get("text") or "") or render_item_text(item)
             rows.append(obj)
             items.append(item)
