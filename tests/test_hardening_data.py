@@ -727,3 +727,21 @@ def test_guide_shows_the_messages_prepare_gives(tmp_path: Path, monkeypatch: pyt
     guide = (ROOT / "docs" / "own_data.md").read_text()
     for msg in messages:
         assert msg in guide, msg
+
+
+def test_unicode_digit_ids_and_amazon_2023_seconds(tmp_path: Path) -> None:
+    inter_json = tmp_path / "X.inter.json"
+    inter_json.write_text(json.dumps({"u": ["²", "1", "2"], "v": ["1", "2", "²"]}))  # "²".isdigit() is True
+    assert [it.raw_id for it in load_lcrec(inter_json).items] == ["1", "2", "²"]
+    rows = [
+        {"user_id": f"U{u}", "parent_asin": f"B{(u + k) % 5}", "timestamp": (1_600_000_000 + 86400 * k) * s}
+        for u in range(5)
+        for k in range(5)
+        for s in [1000 if u % 2 else 1]  # some users in ms (the documented unit), some in seconds
+    ]
+    reviews = write_jsonl(tmp_path / "X.jsonl", rows)
+    meta = write_jsonl(
+        tmp_path / "meta_X.jsonl", [{"parent_asin": f"B{n}", "title": f"T{n}"} for n in range(5)]
+    )
+    ds = load_amazon(reviews, meta)
+    assert ds.meta["filtering"]["time_range"] == ["2020-09-13T12:26:40+00:00", "2020-09-17T12:26:40+00:00"]

@@ -193,8 +193,8 @@ def read_reviews(path: str | Path) -> tuple[list[Interaction], str]:
         t = rec[fields[2]]
         if isinstance(t, bool) or not isinstance(t, int | float | str):
             raise DataError(path, f"expected a number, got {t!r}", line=line, field=fields[2])
-        if schema == "2023" and isinstance(t, int | float):
-            t = t / 1000.0  # 2023 timestamps are milliseconds, whatever their size
+        # 2023 timestamps are milliseconds; parse_time reads each number in the unit that puts it
+        # in 1980..2100 (a forced /1000 turned seconds into dates in January 1970)
         inters.append(Interaction(user, item, parse_time(t, path, line=line, field=fields[2]), line))
     if schema is None:
         raise DataError(path, "no review lines")

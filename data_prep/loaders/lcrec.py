@@ -15,7 +15,9 @@ from data_prep.text import field_text
 
 
 def _sort_ids(ids: list[str]) -> list[str]:
-    return sorted(ids, key=int) if all(i.lstrip("-").isdigit() for i in ids) else list(ids)
+    # ASCII digits only: "²".isdigit() is True but int("²") fails
+    numeric = all(i.lstrip("-").isascii() and i.lstrip("-").isdigit() for i in ids)
+    return sorted(ids, key=int) if numeric else list(ids)
 
 
 def read_catalogue(item_path: str | Path, require_title: bool = True) -> dict[str, dict]:

@@ -69,7 +69,8 @@ def _parse_list(path: Path, line: int, field: str, text: str) -> list:
 
 
 def _item_id(path: Path, line: int, field: str, value: object, catalogue: dict[str, int]) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).strip().isdigit():
+    text = str(value).strip()
+    if isinstance(value, bool) or not isinstance(value, int | str) or not (text.isascii() and text.isdigit()):
         raise DataError(path, f"item id {value!r} is not a non-negative integer", line=line, field=field)
     raw = str(int(value))
     if raw not in catalogue:
