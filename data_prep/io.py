@@ -86,7 +86,10 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
 # flock()ed while its writer lives; the kernel drops that lock when the process dies (kill -9
 # included), so the next run into the same output can tell abandoned staging folders from those of
 # a concurrent run and remove only the former.
-_STAGING_SUFFIXES = (".tmp", ".old")
+# Only names that atomic_directory creates (tempfile.mkdtemp adds 8 characters of [a-z0-9_]); the
+# second pattern of each pair is the naming of earlier versions (no pid), whose staging folders
+# are stale by construction.
+_STAGING_NAMES = (r"\d+\.[a-z0-9_]{8}\.tmp", r"[a-z0-9_]{8}\.tmp", r"\d+\.old", r"old-\d+")
 
 
 def _is_inside(child: Path, parent: Path) -> bool:
@@ -178,9 +181,9 @@ def _lock_dir(path: Path) -> int | None:
 def clean_stale_staging(path: str | os.PathLike) -> list[Path]:
     """Remove staging folders of ``path`` left by killed writers; returns what was removed.
 
-    Only hidden siblings named ``.<name>.*.tmp`` / ``.<name>.*.old`` (or the older
-    ``.<name>.old-<pid>``) that are directories and that no live process holds locked are
-    touched. If ``path`` itself is missing and such an ``.old`` folder exists (a writer died
+    Only hidden sibling directories named as ``atomic_directory`` names them
+    (``.<name>.<pid>.<random>.tmp``, ``.<name>.<pid>.old`` and the pid-less names of earlier
+    versions) that no live process holds locked are touched. If ``path`` itself is missing and such an ``.old`` folder exists (a writer died
     between moving the previous output aside and moving the new one in), the newest one is moved
     back to ``path`` instead of being removed: that is the last complete output.
     """
@@ -188,14 +191,8 @@ def clean_stale_staging(path: str | os.PathLike) -> list[Path]:
     parent, name = final.parent, final.name
     if not parent.is_dir():
         return []
-    prefix = f".{name}."
-    candidates = []
-    for entry in parent.iterdir():
-        n = entry.name
-        if not n.startswith(prefix) or entry.is_symlink() or not entry.is_dir():
-            continue
-        if n.endswith(_STAGING_SUFFIXES) or n[len(prefix) :].startswith("old-"):
-            candidates.append(entry)
+    ours = re.compile(rf"\.{re.escape(name)}\.(?:{'|'.join(_STAGING_NAMES)})")
+    candidates = [e for e in parent.iterdir() if ours.fullmatch(e.name) and e.is_dir() and not e.is_symlink()]
     removed: list[Path] = []
     olds = sorted((c for c in candidates if not c.name.endswith(".tmp")), key=lambda c: c.stat().st_mtime)
     for entry in [c for c in candidates if c.name.endswith(".tmp")] + olds[::-1]:

@@ -216,10 +216,12 @@ def test_stale_staging_folders_are_removed_live_ones_kept(tmp_path: Path) -> Non
         assert holder.stdout.readline().strip() == "locked"
         other = tmp_path / ".datasets.1.abcdefgh.tmp"  # another output's staging folder
         other.mkdir()
+        backup = tmp_path / ".dataset.my-backup.old"  # a user's folder, not a name atomic_directory makes
+        backup.mkdir()
         with atomic_directory(out) as tmp:
             (tmp / "x").write_text("1")
         assert not any(d.exists() for d in stale)
-        assert live.exists() and other.exists() and (out / "x").read_text() == "1"
+        assert live.exists() and other.exists() and backup.exists() and (out / "x").read_text() == "1"
     finally:
         holder.kill()
         holder.wait()
