@@ -139,6 +139,9 @@ def embed_items(
             return path
         logger.info("embedding cache at %s is stale (encoder or item text changed); recomputing", path)
     emb = encode_texts(texts, model_name_or_path, batch_size=batch_size, device=device)
+    problem = embedding_problem(emb)
+    if problem is not None:  # never cache what the quantizers would refuse
+        raise DataError(f"<encoder {model_name_or_path}>", f"bad embeddings of the item texts: {problem}")
     atomic_save_npy(path, emb)
     atomic_write_json(
         meta_path,

@@ -77,15 +77,18 @@ class SidVocab:
                 raise SidFormatError(
                     f"{text!r}: token {lv + 1} is {m.group(0)}, expected level {LEVEL_PREFIXES[lv]!r}"
                 )
-            code = int(m.group(2))
-            if code >= self.level_sizes[lv]:
-                raise SidFormatError(f"{text!r}: {m.group(0)} exceeds codebook size {self.level_sizes[lv]}")
+            digits = m.group(2)  # length first: int() of thousands of digits is slow or refused
+            if len(digits) > 6 or int(digits) >= self.level_sizes[lv]:
+                raise SidFormatError(
+                    f"{text[:80]!r}: {m.group(0)[:20]} exceeds codebook size {self.level_sizes[lv]}"
+                )
+            code = int(digits)
             codes.append(code)
         return tuple(codes)
 
     def find_all(self, text: str) -> list[tuple[int, ...]]:
         """Every well-formed full SID inside free text (e.g. a chat prompt), in order."""
-        pattern = "".join(rf"<{LEVEL_PREFIXES[lv]}_(\d+)>" for lv in range(self.num_levels))
+        pattern = "".join(rf"<{LEVEL_PREFIXES[lv]}_(\d{{1,6}})>" for lv in range(self.num_levels))
         out = []
         for m in re.finditer(pattern, text):
             codes = tuple(int(g) for g in m.groups())

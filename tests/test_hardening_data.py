@@ -747,3 +747,15 @@ def test_unicode_digit_ids_and_amazon_2023_seconds(tmp_path: Path) -> None:
     )
     ds = load_amazon(reviews, meta)
     assert ds.meta["filtering"]["time_range"] == ["2020-09-13T12:26:40+00:00", "2020-09-17T12:26:40+00:00"]
+
+
+def test_sid_strings_with_absurd_codes() -> None:
+    from sid_tokenizer.sid import SidFormatError, SidVocab
+
+    vocab = SidVocab((256, 256))
+    huge = "<a_" + "9" * 5000 + ">"  # int() of > 4300 digits raises a ValueError of its own
+    assert vocab.find_all(f"x <a_1><b_2> {huge}<b_1> <a_3><b_4>") == [(1, 2), (3, 4)]
+    with pytest.raises(SidFormatError, match="exceeds codebook size 256"):
+        vocab.parse(huge + "<b_1>")
+    with pytest.raises(SidFormatError, match="codebook size 100000000000 at level 'a'"):
+        SidVocab((10**11, 4))
