@@ -193,7 +193,11 @@ def option_time(value: str | None, name: str) -> float | None:
     """Parse an ISO date option (``start_time``, ``valid_start``, ...) to epoch seconds."""
     if value is None or value == "":
         return None
-    return parse_time(str(value), "<config>", field=name)
+    try:  # an option may lie outside the data's plausible range (end_time: 9999-12-31 = no bound)
+        parsed = _dt.datetime.fromisoformat(str(value).strip())
+    except ValueError:
+        return parse_time(str(value), "<config>", field=name)
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=_dt.UTC)).timestamp()
 
 
 def iso(t: float) -> str:

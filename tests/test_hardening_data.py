@@ -759,3 +759,9 @@ def test_sid_strings_with_absurd_codes() -> None:
         vocab.parse(huge + "<b_1>")
     with pytest.raises(SidFormatError, match="codebook size 100000000000 at level 'a'"):
         SidVocab((10**11, 4))
+
+
+def test_time_window_options_may_lie_outside_the_data_range(tmp_path: Path) -> None:
+    items, inters = shop_files(tmp_path)
+    ds = load_generic(items, inters, min_interactions=1, start_time="1900-01-01", end_time="9999-12-31")
+    assert ds.num_interactions == 12 and ds.meta["filtering"]["outside_time_window"] == 0
