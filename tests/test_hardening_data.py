@@ -239,20 +239,16 @@ def test_output_moved_aside_by_a_killed_run_is_restored(tmp_path: Path) -> None:
 
 
 def test_prepare_killed_with_sigkill_then_rerun_leaves_no_staging(tmp_path: Path) -> None:
-    """kill -9 while prepare's staging folder exists (it is encoding item text), then rerun."""
+    """kill -9 while prepare's staging folder exists (it is embedding item text), then rerun."""
     out = tmp_path / "out" / "dataset"
     cmd = [
         sys.executable,
         "-m",
         "data_prep.prepare",
         "--config",
-        "data_prep/configs/scientific.yaml",
-        "--output_dir",
+        "data_prep/configs/example_own_data.yaml",  # the vendored shop: no shipped embeddings, so
+        "--output_dir",  # the encoder runs (the slow step) with the staging folder in place
         str(out),
-        "--text_template",
-        "{title}",  # no shipped embeddings match this text: the encoder runs (the slow step)
-        "--embedding_cache_dir",
-        str(tmp_path),
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -269,9 +265,18 @@ def test_prepare_killed_with_sigkill_then_rerun_leaves_no_staging(tmp_path: Path
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert all(p.exists() for p in staging) and not out.exists()  # what kill -9 leaves
-    subprocess.run(cmd[:7] + ["--embed", "false"], cwd=ROOT, env=env, check=True, capture_output=True)
+    shop_dir = ROOT / "data" / "example_shop"
+    rerun = PrepareArgs(
+        format="generic",
+        item_path=str(shop_dir / "items.csv"),
+        inter_path=str(shop_dir / "interactions.csv"),
+        min_interactions=3,
+        output_dir=str(out),
+        embed=False,
+    )
+    prepare(rerun)
     assert sorted(p.name for p in out.parent.iterdir()) == ["dataset"]
-    assert read_json(out / "meta.json")["counts"]["items"] == 4344
+    assert read_json(out / "meta.json")["counts"]["items"] == 35
 
 
 # --- 4. bad inputs: decoding, compression, bytes ---------------------------------------------
@@ -600,6 +605,7 @@ def test_build_refuses_the_dataset_dir_and_foreign_folders(tmp_path: Path) -> No
         build(build_args(ds_dir, emb, notes))
     assert (notes / "todo.txt").read_text() == "keep me"
     sid = tmp_path / "sid"
+    (tmp_path / ".sid.4242.abcdefgh.tmp" / "quantizer").mkdir(parents=True)  # a killed build's staging
     build(build_args(ds_dir, emb, sid))
     build(build_args(ds_dir, emb, sid, seed=1))  # its own earlier output: replaced
     assert read_json(sid / "meta.json")["config"]["seed"] == 1
