@@ -1,9 +1,10 @@
 """Item text: clean raw catalogue fields and render the encoder input from a template.
 
 Cleaning (``clean_text``): HTML entities are unescaped (twice: some Amazon fields are escaped
-twice), HTML markup is removed -- real tags only (``<br>``, ``<p class=x>``, ``</div>``, comments;
-``<script>``/``<style>`` with their content), so ``Screws <M3> pack`` or ``a < b > c`` keep their
-text --, Python-list reprs (MiniOneRec ``"['...']"``) are unwrapped and spaces squeezed.
+twice), HTML markup is removed -- HTML tags (``<br>``, ``<p class=x>``, ``</div>``, comments;
+``<script>``/``<style>`` with their content) and any tag the text also closes (``<x>..</x>``), so
+``Screws <M3> pack`` or ``a < b > c`` keep their text --, Python-list reprs (MiniOneRec
+``"['...']"``) are unwrapped and spaces squeezed.
 Text shaped like a SID token (``<a_12>``) is rewritten as ``[a_12]``: those strings are added
 to the LLM vocabulary, and an item title must never tokenize into another item's SID.
 
@@ -33,6 +34,9 @@ _HTML_TAGS = (
 )
 # A tag: the name, then whitespace, "/" or ">" (so "<a_12>" or "<M3>" are not tags).
 _TAG = re.compile(rf"</?(?:{_HTML_TAGS})(?=[\s/>])[^<>]*>|<!--.*?-->", re.IGNORECASE | re.DOTALL)
+# Any other name is markup only when the text also closes it (<ulu>..</ulu> in a MiniOneRec
+# description): "Screws <M3> pack" has no </M3> and keeps its text.
+_CLOSING = re.compile(r"</([A-Za-z][\w-]*)\s*>")
 _SCRIPT = re.compile(r"<(script|style)(?=[\s>])[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
 _SID_LIKE = re.compile(r"<([a-z])_(\d+)>")
 _SPACE = re.compile(r"\s+")
@@ -76,6 +80,10 @@ def clean_text(value: object) -> str:
         text = html.unescape(text)
     text = _SCRIPT.sub(" ", text)
     text = _TAG.sub(" ", text)
+    closed = set(_CLOSING.findall(text))
+    if closed:
+        names = "|".join(re.escape(n) for n in sorted(closed))
+        text = re.sub(rf"</?(?:{names})(?=[\s/>])[^<>]*>", " ", text)
     text = _SID_LIKE.sub(r"[\1_\2]", text)
     return _SPACE.sub(" ", text).strip()
 

@@ -468,6 +468,7 @@ def test_angle_brackets_in_titles_survive_cleaning() -> None:
     assert clean_text("Rise Time: <=14ns* Respond: >=5Hz") == "Rise Time: <=14ns* Respond: >=5Hz"
     assert clean_text("Line<br>break <p class='x'>para</p><!-- c --> <B>bold</B>") == "Line break para bold"
     assert clean_text("&lt;script&gt;alert(1)&lt;/script&gt;Safe") == "Safe"
+    assert clean_text("<ulu>Pipette, reusable.</ulu>") == "Pipette, reusable."  # a closed tag is markup
     # SID-shaped text would tokenize into SID tokens: it is rewritten, not deleted
     assert clean_text("Kit <a_12><b_3> v2") == "Kit [a_12][b_3] v2"
 
