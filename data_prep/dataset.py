@@ -145,7 +145,7 @@ class RecDataset:
             )
         meta = read_json(path / "meta.json")
         items = []
-        for lineno, row in iter_jsonl(path / "items.jsonl"):
+        for lineno, row in iter_jsonl(path / "items.jsonl", check_keys=False):
             try:
                 it = Item(**row)
             except TypeError as e:
@@ -160,7 +160,7 @@ class RecDataset:
             items.append(it)
 
         def rows(name: str, *fields: str) -> list[tuple[int, dict]]:
-            out = list(iter_jsonl(path / name))
+            out = list(iter_jsonl(path / name, check_keys=False))
             for lineno, row in out:
                 missing = [f for f in fields if f not in row]
                 if missing:

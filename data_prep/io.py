@@ -415,6 +415,13 @@ class _NonStandardConstant(Exception):
     pass
 
 
+# Built once: json.loads(..., object_pairs_hook=...) builds a new decoder for every line.
+_LINE_DECODER = json.JSONDecoder(object_pairs_hook=_no_conflicting_duplicates)
+_STRICT_LINE_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_conflicting_duplicates, parse_constant=_no_constant
+)
+
+
 def parse_json_line(path: str | os.PathLike, lineno: int, line: str, allow_nan: bool = True) -> Any:
     """One JSON value of a JSON-lines file; a key repeated with another value is an error.
 
@@ -422,11 +429,7 @@ def parse_json_line(path: str | os.PathLike, lineno: int, line: str, allow_nan: 
     an input file they are garbage that passes every comparison, e.g. a rating filter).
     """
     try:
-        return json.loads(
-            line,
-            object_pairs_hook=_no_conflicting_duplicates,
-            parse_constant=None if allow_nan else _no_constant,
-        )
+        return (_LINE_DECODER if allow_nan else _STRICT_LINE_DECODER).decode(line)
     except _DuplicateKey as e:
         raise DataError(
             path, "key repeated in one object with different values", line=lineno, key=str(e.args[0])
@@ -441,16 +444,25 @@ def parse_json_line(path: str | os.PathLike, lineno: int, line: str, allow_nan: 
         raise DataError(path, "JSON nested too deeply", line=lineno) from None
 
 
-def iter_jsonl(path: str | os.PathLike, allow_nan: bool = True) -> Iterator[tuple[int, dict]]:
+def iter_jsonl(
+    path: str | os.PathLike, allow_nan: bool = True, check_keys: bool = True
+) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-empty line of a JSON-lines file (maybe gzipped).
 
     ``allow_nan`` False: ``NaN`` / ``Infinity`` literals are DataErrors (input files).
+    ``check_keys`` False skips the repeated-key check (files sidrec wrote itself: ~2x faster).
     """
     for lineno, line in iter_lines(path):
         line = line.strip()
         if not line:
             continue
-        obj = parse_json_line(path, lineno, line, allow_nan)
+        if check_keys:
+            obj = parse_json_line(path, lineno, line, allow_nan)
+        else:
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(path, f"malformed JSON: {e.msg} (column {e.colno})", line=lineno) from None
         if not isinstance(obj, dict):
             raise DataError(path, f"expected a JSON object per line, got {type(obj).__name__}", line=lineno)
         yield lineno, obj
