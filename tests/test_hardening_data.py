@@ -772,3 +772,13 @@ def test_time_window_options_may_lie_outside_the_data_range(tmp_path: Path) -> N
     items, inters = shop_files(tmp_path)
     ds = load_generic(items, inters, min_interactions=1, start_time="1900-01-01", end_time="9999-12-31")
     assert ds.num_interactions == 12 and ds.meta["filtering"]["outside_time_window"] == 0
+
+
+def test_header_case_and_separator_hints(tmp_path: Path) -> None:
+    items, inters = shop_files(tmp_path)
+    items.write_text(items.read_text().replace("item_id,title", "Item_ID,Title", 1))
+    expect_failure(
+        generic_args(tmp_path, items, inters), "items.csv:1 field 'item_id'", "rename 'Item_ID' for 'item_id'"
+    )
+    items.write_text("item_id;title\ni0;Thing 0\n")
+    expect_failure(generic_args(tmp_path, items, inters), "items.csv:1", "separated by ';'")

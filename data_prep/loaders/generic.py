@@ -82,9 +82,13 @@ class _Table:
             return
         missing = [c for c in required if c not in self.columns]
         if missing:
+            hints = [f"{c!r} for {m!r}" for m in missing for c in self.columns if c.strip().lower() == m]
+            hint = f" (column names are case-sensitive: rename {', '.join(hints)})" if hints else ""
+            if len(self.columns) == 1 and any(sep in self.columns[0] for sep in ";|\t"):
+                hint = " (one column only: is the file separated by ';' or tabs? use .tsv for tabs)"
             raise DataError(
                 self.label,
-                f"missing required column(s) {missing}; the columns are {self.columns}",
+                f"missing required column(s) {missing}; the columns are {self.columns}{hint}",
                 line=1,
                 field=missing[0],
             )
