@@ -175,6 +175,13 @@ def build(args: BuildArgs) -> Path:
                 else embeddings_path(args.dataset_dir, args.encoder)
             )
             emb = load_embeddings(emb_path, num_items=len(raw_ids))
+            if len(emb) < args.codebook_size:
+                raise DataError(
+                    emb_path,
+                    f"{len(emb)} items is fewer than codebook_size {args.codebook_size}: every code of a level "
+                    f"needs an item; use --codebook_size {2 ** max(1, int(np.log2(len(emb))))} or less",
+                    field="codebook_size",
+                )
             inputs.update(
                 embeddings=str(emb_path),
                 embeddings_sha256=file_sha256(emb_path),

@@ -782,3 +782,11 @@ def test_header_case_and_separator_hints(tmp_path: Path) -> None:
     )
     items.write_text("item_id;title\ni0;Thing 0\n")
     expect_failure(generic_args(tmp_path, items, inters), "items.csv:1", "separated by ';'")
+
+
+def test_build_with_a_codebook_larger_than_the_catalogue(tmp_path: Path) -> None:
+    ds_dir, emb = tiny_dataset(tmp_path)
+    with pytest.raises(
+        DataError, match=r"emb\.npy field 'codebook_size': 4 items is fewer than codebook_size 8"
+    ):
+        build(BuildArgs(**{**vars(build_args(ds_dir, emb, tmp_path / "sid")), "codebook_size": 8}))
