@@ -55,7 +55,7 @@ def snapshot(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def shop(tmp: Path) -> tuple[list[dict], list[dict]]:
+def shop() -> tuple[list[dict], list[dict]]:
     """4 items, 3 users with 4 events each, epoch-second timestamps."""
     items = [
         {"item_id": f"i{n}", "title": f"Thing {n}", "brand": "B", "categories": "Home"} for n in range(4)
@@ -89,7 +89,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def shop_files(tmp: Path, items_name: str = "items.csv", inter_name: str = "inter.csv") -> tuple[Path, Path]:
     inputs = tmp / "in"
     inputs.mkdir(exist_ok=True)
-    items, inters = shop(tmp)
+    items, inters = shop()
     write = {".csv": write_csv, ".jsonl": write_jsonl}
     return (
         write[Path(items_name).suffix](inputs / items_name, items),
