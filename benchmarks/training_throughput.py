@@ -381,8 +381,17 @@ def write_markdown(path: Path, payload: dict) -> None:
         f"Command: `{payload['command']}`  ",
         f"Date: {payload['date']}; machine: {machine_line(payload)}.",
         "",
-        f"Real trainer (`SidSFTTrainer`, recipe `{payload['recipe_path']}` parsed as `recipes/sft.py` parses it: "
-        f"batch {recipe['batch_size']}, max_length {recipe['max_length']}, {recipe.get('optim', 'AdamW')}, "
+        "How to run: `python benchmarks/training_throughput.py --config <SFT recipe YAML> [--repeats N] "
+        "[--skip base]` (the recipe's dataset and SID index must exist); `--steps 0.2 --repeats 1 --skip small "
+        "base` is a one-minute smoke run; `--rerender` rewrites this file and the plot from the JSON.",
+        "",
+        f"Real trainer (`SidSFTTrainer`, recipe `{payload['recipe_path']}`"
+        + (
+            f" parsed by `{payload['recipe_parser']}` as in `recipes/sft.py`"
+            if "recipe_parser" in payload
+            else ""
+        )
+        + f": batch {recipe['batch_size']}, max_length {recipe['max_length']}, {recipe.get('optim', 'AdamW')}, "
         f"`{recipe['sampling']}` batches), "
         f"{payload['warmup']} warm-up steps then the measured steps, per repeat; "
         f"{payload['repeats']} repeats with the variants interleaved. Each run's batches are a random "
@@ -773,6 +782,7 @@ def main() -> None:
         "machine": machine_info(),
         "recipe_path": str(args.config),
         "recipe": recipe,
+        "recipe_parser": "TrlParser((SidSFTArgs, SFTConfig, ModelConfig))",
         "warmup": args.warmup,
         "repeats": len({r["repeat"] for r in results}),
         "reference": reference,
