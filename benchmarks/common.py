@@ -12,9 +12,14 @@ from __future__ import annotations
 import datetime as _dt
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from data_prep.provenance import run_info
+
+if TYPE_CHECKING:
+    from trl import ModelConfig, SFTConfig
+
+    from recipes.args import SidSFTArgs
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
@@ -113,7 +118,7 @@ def describe_machine(
     return text + f"; {info['date']}"
 
 
-def parse_sft_recipe(path: str | Path, *overrides: str) -> tuple[Any, Any, Any]:
+def parse_sft_recipe(path: str | Path, *overrides: str) -> tuple[SidSFTArgs, SFTConfig, ModelConfig]:
     """``(SidSFTArgs, SFTConfig, ModelConfig)`` exactly as ``recipes/sft.py`` parses
     ``--config path`` followed by the CLI-style ``overrides`` (same parser, same defaults)."""
     from trl import ModelConfig, SFTConfig, TrlParser

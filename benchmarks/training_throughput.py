@@ -48,6 +48,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -61,6 +62,11 @@ from data_prep.io import atomic_write_json, atomic_write_text  # noqa: E402
 from recipes.tasks import build_mixture, tokenize_rows, training_sequences  # noqa: E402
 from sid_tokenizer.prompts import seq2seq_prompt  # noqa: E402
 from sid_tokenizer.sid import SidIndex  # noqa: E402
+
+if TYPE_CHECKING:
+    from trl import SFTConfig
+
+    from recipes.args import SidSFTArgs
 
 logger = logging.getLogger("training_throughput")
 
@@ -173,7 +179,7 @@ def measurement_overrides(workdir: Path, steps: int, peft: str = "none") -> list
     return out
 
 
-def recipe_summary(script_args, training_args) -> dict:
+def recipe_summary(script_args: SidSFTArgs, training_args: SFTConfig) -> dict:
     """The recipe values this benchmark's report quotes (keys as in earlier JSON outputs)."""
     return {
         "batch_size": training_args.per_device_train_batch_size,
