@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import describe_machine, machine_info  # noqa: E402
 from data_prep.dataset import RecDataset  # noqa: E402
 from data_prep.io import atomic_write_json, atomic_write_text  # noqa: E402
 from eval.generate import SidRanker  # noqa: E402
@@ -88,6 +88,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results/constrained_decoding")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    machine = machine_info()  # before the run: its load average is not ours
     model, tok, cat = load_checkpoint(args.checkpoint)
     ds = RecDataset.load(checkpoint_dataset_dir(args.checkpoint))
     ranker = SidRanker(model, tok, cat.index)
@@ -102,11 +103,12 @@ def main() -> None:
             )
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
+        "command": " ".join(["python benchmarks/constrained_decoding.py", *sys.argv[1:]]),
         "checkpoint": args.checkpoint,
         "users": len(prompts),
         "beams": args.beams,
         "batch": args.batch,
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": machine,
         "seconds_median": {k: round(v, 3) for k, v in med.items()},
         "ratio_constrained_over_free": {
             b: round(med[f"{b}/constrained"] / med[f"{b}/free"], 3) for b in ("hf", "sid_beam")
@@ -117,8 +119,10 @@ def main() -> None:
     md = [
         "# Constrained decoding benchmark",
         "",
-        f"`python benchmarks/constrained_decoding.py --checkpoint {args.checkpoint}` "
-        f"({result['machine']}; {len(prompts)} test users, {args.beams} beams, median of {args.repeats})",
+        f"`{result['command']}`: checkpoint `{args.checkpoint}`, {len(prompts)} test users, {args.beams} beams, "
+        f"median of {args.repeats}.",
+        "",
+        f"Machine: {describe_machine(machine)}.",
         "",
         "| decoder | free (s) | constrained (s) | constrained / free |",
         "|---|---|---|---|",

@@ -1,37 +1,46 @@
 """Quantizer ablation (GRID-style) on Scientific: same SFT recipe and budget, one SID index per quantizer.
 
-    python -m benchmarks.quantizer_ablation [--epochs 20] [--parallel 2] [--snapshot true]
+    python -m benchmarks.quantizer_ablation [--epochs 16]           # every variant, one after another
     python -m benchmarks.quantizer_ablation --report_only true      # only (re)write the report
 
-For every quantizer (the SID indexes ``outputs/scientific/sid_<q>`` built by
-``python -m sid_tokenizer.build --config sid_tokenizer/configs/scientific_<q>.yaml``; built here
-if missing) plus a ``random`` control (random *unique* 3 x 256 codes, no semantic structure,
-written to ``outputs/ablation/sid_random`` through ``sid_tokenizer.build``'s import mode):
+For every quantizer (the SID index ``outputs/scientific/sid_<q>``, built if missing by
+``python -m sid_tokenizer.build --config sid_tokenizer/configs/scientific_<q>.yaml``) plus a
+``random`` control (random *unique* 3 x 256 codes, no semantic structure, imported into
+``outputs/ablation/sid_random`` through ``sid_tokenizer.build``'s ``index_path`` mode), each
+stage a subprocess of the project's own entry point, its output appended to
+``outputs/ablation/logs/<stage>_<q>.log``:
 
-1. train ``recipes/sft.py --config recipes/configs/sft_ablation_scientific.yaml --sid_dir ...
-   --output_dir outputs/ablation/<q> --num_train_epochs <epochs>`` (tiny default decoder,
-   seq2seq task only, same seed; the best checkpoint on validation NDCG@10 is loaded at the end
-   and saved as ``final``);
-2. evaluate ``python -m eval.evaluate --config eval/configs/scientific_sft.yaml --checkpoint
+1. ``python recipes/sft.py --config recipes/configs/sft_ablation_scientific.yaml --dataset_dir ...
+   --sid_dir ... --output_dir outputs/ablation/<q> --num_train_epochs <epochs>`` (tiny default
+   decoder, seq2seq task only, same seed; the best checkpoint on validation NDCG@10 is saved as ``final``);
+2. ``python -m eval.evaluate --config eval/configs/scientific_sft.yaml --checkpoint
    outputs/ablation/<q>/final --splits valid test --also_unconstrained false`` on all users;
-3. write ``docs/results/quantizer_ablation.{json,md,png}``: collisions before resolution,
-   codebook utilisation/entropy (each index's ``report.json``), valid/test HR@10 and NDCG@10
-   with bootstrap 95% CIs, training and evaluation wall time, commands, hardware.
+3. ``python -m benchmarks.quantizer_ablation --per_user_for <q>``: the same beam search again,
+   keeping per-user metrics (``per_user.npz``) for paired differences to ``paired_base``;
+4. ``docs/results/quantizer_ablation.{json,md,png}``: collisions before resolution, codebook
+   utilisation/entropy (each index's ``report.json``), valid/test HR@10 and NDCG@10 with bootstrap
+   95% CIs, paired differences, training and evaluation wall time, commands, machine.
 
-Resumable: a finished stage (``final/`` saved, ``eval/metrics.json`` written) is skipped, a
-killed training run resumes from its last checkpoint. At most ``parallel`` stages run at once
-(each with one OpenMP thread); evaluations of trained models go before new trainings so that
-finished variants are complete first. With ``snapshot`` the stages run on a ``git archive`` of
-HEAD (``outputs/ablation/code/<commit>``, its ``outputs`` linked to this checkout's), so
-uncommitted edits in the shared working tree cannot change the code under a running ablation.
+Resumable: a stage whose artifact is complete (``index.json``, ``final/``, ``eval/metrics.json``,
+``per_user.npz``; each written atomically) is skipped, and a killed training resumes from its last
+checkpoint. Stages run with ``--threads`` OpenMP threads (1 by default). To run variants side by
+side, start one process per variant with ``--only`` (it runs that variant's stages and writes no
+report) under any process runner, then write the report once::
+
+    printf '%s\\n' rkmeans balanced rqvae rvq random \\
+        | xargs -P 2 -I{} python -m benchmarks.quantizer_ablation --epochs 16 --only {}
+    python -m benchmarks.quantizer_ablation --epochs 16 --report_only true
+
+To keep the code fixed under a run that takes hours while the checkout changes, run it from its
+own ``git worktree`` at a pinned commit (with ``outputs`` linked to the shared one).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import logging
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -42,16 +51,16 @@ from typing import Any
 # Run as a script (python benchmarks/quantizer_ablation.py), this folder would come first on
 # sys.path and benchmarks/sid_tokenizer.py would shadow the sid_tokenizer package.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from data_prep.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from benchmarks.common import describe_machine, machine_info  # noqa: E402
+from data_prep.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json  # noqa: E402
 
 logger = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parents[1]
-SFT_CONFIG = "recipes/configs/sft_ablation_scientific.yaml"
-EVAL_CONFIG = "eval/configs/scientific_sft.yaml"
 
 
 @dataclass
@@ -60,17 +69,20 @@ class AblationArgs:
         default_factory=lambda: ["rkmeans", "balanced", "rqvae", "rvq", "random"],
         metadata={"help": "registered quantizers (outputs/scientific/sid_<q>) and/or 'random' (the control)"},
     )
+    only: str | None = field(
+        default=None, metadata={"help": "run the stages of this one variant and write no report"}
+    )
     epochs: int = field(default=16, metadata={"help": "num_train_epochs, the same for every quantizer"})
-    parallel: int = field(default=2, metadata={"help": "stages running at once (one OpenMP thread each)"})
+    threads: int = field(default=1, metadata={"help": "OMP_NUM_THREADS / MKL_NUM_THREADS of every stage"})
     dataset_dir: str = "outputs/scientific/dataset"
     sid_root: str = field(
         default="outputs/scientific", metadata={"help": "holds sid_<q> for real quantizers"}
     )
     output_root: str = "outputs/ablation"
     report_dir: str = "docs/results"
+    sft_config: str = "recipes/configs/sft_ablation_scientific.yaml"
+    eval_config: str = "eval/configs/scientific_sft.yaml"
     random_seed: int = 0
-    snapshot: bool = field(default=False, metadata={"help": "run the stages on a git archive of HEAD"})
-    snapshot_ref: str = field(default="HEAD", metadata={"help": "commit to snapshot (pin it when resuming)"})
     report_only: bool = False
     paired: bool = field(
         default=True,
@@ -84,8 +96,6 @@ class AblationArgs:
         metadata={"help": "hand-written notes on the run, included under '## Notes' when the file exists"},
     )
     per_user_for: str | None = field(default=None, metadata={"help": "internal: the per-user stage of one q"})
-    poll_seconds: float = 30.0
-    priority: str = field(default="eval", metadata={"help": "eval | train: which ready stages start first"})
 
 
 # ---- the random control ---------------------------------------------------------------------
@@ -117,32 +127,24 @@ def random_assignment_error(embeddings: np.ndarray, codes: np.ndarray) -> float:
     return float((residual**2).sum() / (x**2).sum())
 
 
-def build_random_sid_dir(
-    dataset_dir: str, out_dir: Path, seed: int, num_levels: int = 3, codebook_size: int = 256
-) -> Path:
-    """Write a SID directory with random unique codes through sid_tokenizer.build's import mode."""
+RANDOM_LEVELS = (256, 256, 256)
+
+
+def random_index_path(args: AblationArgs) -> Path:
+    return Path(args.output_root) / "sid_random_index.json"
+
+
+def write_random_index(args: AblationArgs) -> Path:
+    """The random control's codes as a third-party ``index.json`` for ``sid_tokenizer.build``."""
     from data_prep.dataset import RecDataset
-    from sid_tokenizer.build import BuildArgs, build
     from sid_tokenizer.sid import SidIndex, SidVocab
 
-    ds = RecDataset.load(dataset_dir)
-    codes = random_codes(ds.num_items, num_levels, codebook_size, seed)
-    index_path = out_dir.parent / f"{out_dir.name}_index.json"
-    index_path.parent.mkdir(parents=True, exist_ok=True)
-    SidIndex(codes, SidVocab((codebook_size,) * num_levels), raw_ids=[it.raw_id for it in ds.items]).save(
-        index_path
-    )
-    build(
-        BuildArgs(
-            dataset_dir=dataset_dir,
-            output_dir=str(out_dir),
-            index_path=str(index_path),
-            level_sizes=[codebook_size] * num_levels,
-            collision_strategy="none",
-            seed=seed,
-        )
-    )
-    return out_dir
+    ds = RecDataset.load(args.dataset_dir)
+    codes = random_codes(ds.num_items, len(RANDOM_LEVELS), RANDOM_LEVELS[0], args.random_seed)
+    path = random_index_path(args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    SidIndex(codes, SidVocab(RANDOM_LEVELS), raw_ids=[it.raw_id for it in ds.items]).save(path)
+    return path
 
 
 # ---- stages ------------------------------------------------------------------------------------
@@ -150,53 +152,71 @@ def sid_dir_for(args: AblationArgs, q: str) -> Path:
     return Path(args.output_root) / "sid_random" if q == "random" else Path(args.sid_root) / f"sid_{q}"
 
 
+def sid_cmd(args: AblationArgs, q: str) -> list[str]:
+    cmd = [sys.executable, "-m", "sid_tokenizer.build"]
+    if q == "random":
+        cmd += ["--index_path", str(random_index_path(args)), "--level_sizes", *map(str, RANDOM_LEVELS)]
+        cmd += ["--collision_strategy", "none", "--seed", str(args.random_seed)]
+    else:
+        cmd += ["--config", f"sid_tokenizer/configs/scientific_{q}.yaml"]
+    return cmd + ["--dataset_dir", args.dataset_dir, "--output_dir", str(sid_dir_for(args, q))]
+
+
 def train_cmd(args: AblationArgs, q: str) -> list[str]:
-    return [
-        sys.executable,
-        "recipes/sft.py",
-        "--config",
-        SFT_CONFIG,
-        "--sid_dir",
-        str(sid_dir_for(args, q)),
-        "--output_dir",
-        f"{args.output_root}/{q}",
-        "--num_train_epochs",
-        str(args.epochs),
-    ]
+    cmd = [sys.executable, "recipes/sft.py", "--config", args.sft_config, "--dataset_dir", args.dataset_dir]
+    cmd += ["--sid_dir", str(sid_dir_for(args, q)), "--output_dir", f"{args.output_root}/{q}"]
+    return cmd + ["--num_train_epochs", str(args.epochs)]
 
 
 def eval_cmd(args: AblationArgs, q: str) -> list[str]:
-    return [
+    run = f"{args.output_root}/{q}"
+    cmd = [
         sys.executable,
         "-m",
         "eval.evaluate",
         "--config",
-        EVAL_CONFIG,
+        args.eval_config,
         "--checkpoint",
-        f"{args.output_root}/{q}/final",
-        "--splits",
-        "valid",
-        "test",
-        "--also_unconstrained",
-        "false",
-        "--model_name",
-        q,
-        "--output_dir",
-        f"{args.output_root}/{q}/eval",
+        f"{run}/final",
     ]
+    cmd += ["--splits", "valid", "test", "--also_unconstrained", "false"]
+    return cmd + ["--model_name", q, "--output_dir", f"{run}/eval"]
 
 
 def per_user_cmd(args: AblationArgs, q: str) -> list[str]:
-    return [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--per_user_for",
-        q,
-        "--output_root",
-        args.output_root,
-        "--dataset_dir",
-        args.dataset_dir,
-    ]
+    cmd = [sys.executable, "-m", "benchmarks.quantizer_ablation", "--per_user_for", q]
+    return cmd + ["--output_root", args.output_root, "--dataset_dir", args.dataset_dir]
+
+
+def sid_done(args: AblationArgs, q: str) -> bool:
+    return (sid_dir_for(args, q) / "index.json").exists()
+
+
+def train_done(args: AblationArgs, q: str) -> bool:
+    final = Path(args.output_root) / q / "final"
+    return (final / "config.json").exists() and (final / "sidrec").is_dir()
+
+
+def eval_done(args: AblationArgs, q: str) -> bool:
+    return (Path(args.output_root) / q / "eval" / "metrics.json").exists()
+
+
+def per_user_done(args: AblationArgs, q: str) -> bool:
+    return (Path(args.output_root) / q / "per_user.npz").exists()
+
+
+STAGES = {  # in order; each: (command, artifact complete?)
+    "sid": (sid_cmd, sid_done),
+    "train": (train_cmd, train_done),
+    "eval": (eval_cmd, eval_done),
+    "peruser": (per_user_cmd, per_user_done),
+}
+
+
+def pending_stages(args: AblationArgs, q: str) -> list[str]:
+    """The stages of ``q`` whose artifact is not complete yet, in the order they run."""
+    names = [s for s in STAGES if s != "peruser" or args.paired]
+    return [s for s in names if not STAGES[s][1](args, q)]
 
 
 PER_USER_METRICS = ("NDCG@10", "HR@10", "NDCG@20", "HR@20")
@@ -224,10 +244,6 @@ def per_user_stage(args: AblationArgs, q: str) -> Path:
             arrays[f"{split}/{m}"] = np.asarray(res["per_example"][m], dtype=np.float64)
         arrays[f"{split}/target"] = np.asarray([e.target for e in examples])
         logger.info("%s %s: NDCG@10 %.4f (%d users)", q, split, res["NDCG@10"], len(examples))
-    import io
-
-    from data_prep.io import atomic_write_bytes
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     out = Path(args.output_root) / q / "per_user.npz"
@@ -235,40 +251,11 @@ def per_user_stage(args: AblationArgs, q: str) -> Path:
     return out
 
 
-def per_user_done(args: AblationArgs, q: str) -> bool:
-    return (Path(args.output_root) / q / "per_user.npz").exists()
-
-
-def train_done(args: AblationArgs, q: str) -> bool:
-    final = Path(args.output_root) / q / "final"
-    return (final / "config.json").exists() and (final / "sidrec").is_dir()
-
-
-def eval_done(args: AblationArgs, q: str) -> bool:
-    return (Path(args.output_root) / q / "eval" / "metrics.json").exists()
-
-
-def make_snapshot(output_root: str, ref: str = "HEAD") -> Path:
-    """git archive ``ref`` into <output_root>/code/<commit> with ``outputs`` linked to ours."""
-    commit = subprocess.run(
-        ["git", "rev-parse", ref], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.strip()
-    dest = (ROOT / output_root / "code" / commit[:12]).resolve()
-    if not (dest / "pyproject.toml").exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    link = dest / "outputs"
-    if not link.exists():
-        link.symlink_to((ROOT / "outputs").resolve(), target_is_directory=True)
-    return dest
-
-
 def _times_path(args: AblationArgs, q: str) -> Path:
     return Path(args.output_root) / q / "stage_times.json"
 
 
-def _record_time(args: AblationArgs, q: str, stage: str, seconds: float, cmd: list[str], cwd: str) -> None:
+def _record_time(args: AblationArgs, q: str, stage: str, seconds: float, cmd: list[str]) -> None:
     path = _times_path(args, q)
     times = read_json(path) if path.exists() else {}
     entry = times.setdefault(stage, {"seconds": 0.0, "attempts": []})
@@ -276,175 +263,44 @@ def _record_time(args: AblationArgs, q: str, stage: str, seconds: float, cmd: li
     entry["attempts"].append(
         {
             "seconds": round(seconds, 1),
-            "cwd": cwd,
             "command": " ".join(cmd[1:]),
             "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "load_average": list(os.getloadavg()),
+            "threads": args.threads,
+            "load_average": [round(v, 2) for v in os.getloadavg()],
         }
     )
     atomic_write_json(path, times)
 
 
-def _progress(log: Path) -> str:
-    """Last tqdm counter (e.g. '1234/5240 [10:01<...]') or last line of a stage log."""
-    if not log.exists():
-        return "starting"
-    with open(log, "rb") as f:
-        f.seek(max(0, log.stat().st_size - 4000))
-        tail = f.read().decode("utf-8", "replace").replace("\r", "\n").strip().splitlines()
-    return tail[-1][-110:] if tail else "starting"
-
-
-class _Adopted:
-    """A stage process started by an earlier driver: alive while /proc/<pid> runs its command."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-
-    def poll(self) -> int | None:
-        return None if _pid_alive(self.pid) else 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode("utf-8", "replace")
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return state != "Z" and any(k in cmdline for k in ("recipes/sft.py", "eval.evaluate", "--per_user_for"))
-
-
-def _running_path(args: AblationArgs, q: str, stage: str) -> Path:
-    return ROOT / args.output_root / q / f"{stage}.running.json"
-
-
-def _running_info(args: AblationArgs, q: str, stage: str) -> dict[str, Any] | None:
-    """The pid file of a stage, if its process is still alive (a stale file is removed)."""
-    path = _running_path(args, q, stage)
-    if not path.exists():
-        return None
-    info = read_json(path)
-    if _pid_alive(int(info["pid"])):
-        return info
-    path.unlink(missing_ok=True)
-    return None
-
-
-def run_stages(args: AblationArgs) -> None:
-    cwd = make_snapshot(args.output_root, args.snapshot_ref) if args.snapshot else ROOT
+def run_variant(args: AblationArgs, q: str) -> None:
+    """Run the pending stages of ``q`` one after another; stop at the first that fails."""
     env = {
         **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
         "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": str(cwd),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
     }
-    logs = ROOT / args.output_root / "logs"
+    logs = Path(args.output_root) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    for q in args.quantizers:  # SID indexes first (seconds; rqvae ~2 min if it has to be built)
-        sid = ROOT / sid_dir_for(args, q)
-        if (sid / "index.json").exists():
-            continue
-        if q == "random":
-            logger.info("building the random control index %s", sid)
-            build_random_sid_dir(args.dataset_dir, sid, args.random_seed)
-        else:
-            cmd = [
-                sys.executable,
-                "-m",
-                "sid_tokenizer.build",
-                "--config",
-                f"sid_tokenizer/configs/scientific_{q}.yaml",
-            ]
-            logger.info("building %s: %s", sid, " ".join(cmd))
-            subprocess.run(cmd, cwd=cwd, env=env, check=True)
-    running: dict[tuple[str, str], tuple[Any, float, list[str], Path]] = {}
-    for q in args.quantizers:  # stages still running from an earlier (killed) driver: wait for them
-        for stage in ("train", "eval", "peruser"):
-            info = _running_info(args, q, stage)
-            if info is not None:
-                logger.info("adopting %s %s (pid %d, started %s)", q, stage, info["pid"], info["started"])
-                running[(q, stage)] = (_Adopted(info["pid"]), info["t0"], info["cmd"], Path(info["log"]))
-    pending = [
-        (q, "train") for q in args.quantizers if not train_done(args, q) and (q, "train") not in running
-    ]
-    pending += [
-        (q, "eval")
-        for q in args.quantizers
-        if train_done(args, q) and not eval_done(args, q) and (q, "eval") not in running
-    ]
-    if args.paired:
-        pending += [
-            (q, "peruser")
-            for q in args.quantizers
-            if train_done(args, q) and not per_user_done(args, q) and (q, "peruser") not in running
-        ]
-    failed: list[tuple[str, str]] = []
-    start = time.time()
-    logger.info("stages to run: %s (cwd %s)", pending, cwd)
-    while pending or running:
-        for key, (proc, t0, cmd, log) in list(running.items()):
-            rc = proc.poll()
-            if rc is None:
-                continue
-            del running[key]
-            q, stage = key
-            _running_path(args, q, stage).unlink(missing_ok=True)
-            seconds = time.time() - t0
-            if isinstance(proc, _Adopted):  # no exit status: judge by the stage's output
-                done = {"train": train_done, "eval": eval_done, "peruser": per_user_done}[stage]
-                rc = 0 if done(args, q) else 1
-            if rc != 0:
-                logger.error("%s %s FAILED (rc %d) after %.0f s; see %s", q, stage, rc, seconds, log)
-                failed.append(key)
-                continue
-            _record_time(args, q, stage, seconds, cmd, str(cwd))
-            logger.info("%s %s done in %.1f min", q, stage, seconds / 60)
-            if stage == "train":
-                pending.append((q, "eval"))
-                if args.paired:
-                    pending.append((q, "peruser"))
-        # "eval": evaluations first (a finished variant is worth more than a started one);
-        # "train": trainings first (fewer idle slots at the end, all results come later)
-        first = "eval" if args.priority == "eval" else "train"
-        order = {"train": 1, "eval": 1, "peruser": 2}
-        order[first] = 0
-        pending.sort(key=lambda k: (order[k[1]], args.quantizers.index(k[0])))
-        while pending and len(running) < args.parallel:
-            q, stage = pending.pop(0)
-            cmd = {"train": train_cmd, "eval": eval_cmd, "peruser": per_user_cmd}[stage](args, q)
-            log = logs / f"{stage}_{q}.log"
-            (ROOT / args.output_root / q).mkdir(parents=True, exist_ok=True)
-            logger.info("start %s %s: %s > %s", q, stage, " ".join(cmd[1:]), log)
-            with open(log, "a") as fh:
-                proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=fh, stderr=subprocess.STDOUT)
-            t0 = time.time()
-            atomic_write_json(
-                _running_path(args, q, stage),
-                {
-                    "pid": proc.pid,
-                    "t0": t0,
-                    "started": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-                    "cmd": cmd,
-                    "log": str(log),
-                },
-            )
-            running[(q, stage)] = (proc, t0, cmd, log)
-        if running:
-            time.sleep(args.poll_seconds)
-            elapsed = (time.time() - start) / 60
-            for (q, stage), (_, t0, _, log) in running.items():
-                logger.info(
-                    "[%5.1f min] %s %s (%.1f min): %s",
-                    elapsed,
-                    q,
-                    stage,
-                    (time.time() - t0) / 60,
-                    _progress(log),
-                )
-    if failed:
-        raise SystemExit(f"failed stages: {failed}")
+    todo = pending_stages(args, q)
+    logger.info("%s: stages to run %s", q, todo or "none (all complete)")
+    for stage in todo:
+        make_cmd, done = STAGES[stage]
+        if stage == "sid" and q == "random":
+            write_random_index(args)
+        cmd = make_cmd(args, q)
+        log = logs / f"{stage}_{q}.log"
+        (Path(args.output_root) / q).mkdir(parents=True, exist_ok=True)
+        logger.info("%s %s: %s >> %s", q, stage, " ".join(cmd[1:]), log)
+        t0 = time.time()
+        with open(log, "a") as fh:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+        seconds = time.time() - t0
+        if rc != 0 or not done(args, q):
+            raise SystemExit(f"{q} {stage} failed (exit status {rc}) after {seconds:.0f} s; see {log}")
+        _record_time(args, q, stage, seconds, cmd)
+        logger.info("%s %s done in %.1f min", q, stage, seconds / 60)
 
 
 # ---- report ------------------------------------------------------------------------------------
@@ -543,37 +399,36 @@ def paired_rows(args: AblationArgs) -> list[dict[str, Any]]:
     return out
 
 
-def hardware() -> dict[str, Any]:
-    import torch
-    import transformers
-    import trl
-
-    cpu = ""
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "gpu": "none",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-        "threads_per_job": 1,
-        "load_average_at_report": [round(v, 2) for v in os.getloadavg()],
-    }
-
-
 def _ci(m: dict[str, float]) -> str:
     return f"{m['value']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}]"
 
 
 def _overlap(a: dict[str, float], b: dict[str, float]) -> bool:
     return a["ci_low"] <= b["ci_high"] and b["ci_low"] <= a["ci_high"]
+
+
+def recipe_text(args: AblationArgs) -> str:
+    """What every variant trains and how it is evaluated, read from the two configs with the
+    entry points' own parsers."""
+    from trl import TrlParser
+
+    from benchmarks.common import parse_sft_recipe
+    from eval.evaluate import EvalArgs
+
+    script, training, model = parse_sft_recipe(args.sft_config)
+    (ev,) = TrlParser((EvalArgs,)).parse_args_and_config(["--config", args.eval_config])
+    name = model.model_name_or_path
+    decoder = f"the {script.model_preset} offline default decoder" if name == "default" else f"`{name}`"
+    sched = getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type)
+    every = getattr(training.eval_strategy, "value", training.eval_strategy)
+    return (
+        f"`{args.sft_config}`, {decoder}, tasks {', '.join(script.tasks)}, {args.epochs} epochs, seed "
+        f"{training.seed}, batch {training.per_device_train_batch_size}, lr {training.learning_rate:g} {sched}; "
+        f"validation NDCG@10 on {script.rank_eval_users} validation users at every evaluation ({every}), "
+        "the best checkpoint saved as `final`. Then full-catalogue constrained beam search "
+        f"({ev.num_beams} beams, `{args.eval_config}`) on **all** validation and test users; item-level "
+        f"HR@10/NDCG@10 with bootstrap 95% CIs ({ev.n_boot:,} resamples)"
+    )
 
 
 def write_report(args: AblationArgs, rows: dict[str, Any]) -> None:
@@ -585,7 +440,6 @@ def write_report(args: AblationArgs, rows: dict[str, Any]) -> None:
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
-    snapshots = sorted(p.name for p in (ROOT / args.output_root / "code").glob("*")) if args.snapshot else []
     meta = {
         "generated": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.quantizer_ablation " + " ".join(sys.argv[1:]),
@@ -595,40 +449,36 @@ def write_report(args: AblationArgs, rows: dict[str, Any]) -> None:
         ),
         "eval_command": " ".join(eval_cmd(args, "<q>")[1:]),
         "repo_commit_at_report": commit,
-        "code_snapshots": snapshots,
-        "hardware": hardware(),
+        "machine": machine_info(),
         "references": refs,
         "paired_differences": paired,
     }
     atomic_write_json(out / "quantizer_ablation.json", {"meta": meta, "results": rows})
 
-    hw = meta["hardware"]
     lines = [
         "# Quantizer ablation: downstream recommendation per SID tokenizer (Scientific)",
         "",
-        f"Generated {meta['generated']} by `{meta['command']}` on {hw['cores']} CPU cores ({hw['cpu']}; no GPU; "
-        f"shared with other jobs, load average {hw['load_average_at_report']} when the report was written), "
-        f"torch {hw['torch']}, transformers {hw['transformers']}, trl {hw['trl']}; every stage ran with one "
-        f"OpenMP thread, {args.parallel} stages at a time"
-        + (f", on a `git archive` of commit {', '.join(snapshots)}" if snapshots else "")
-        + ".",
+        f"Generated {meta['generated']} by `{meta['command']}` at commit {commit[:12]}. Machine when the "
+        f"report was written: {describe_machine(meta['machine'])}. Stages run with {args.threads} OpenMP "
+        "thread(s) each; their wall times and the load average at the end of each are in "
+        "`<output_root>/<q>/stage_times.json`.",
         "",
-        "Same recipe and budget for every SID index: the tiny offline default decoder trained from scratch, "
-        "**seq2seq task only** (an epoch of the full SFT mixture of `sft_scientific.yaml` took ~7.5 min in "
-        "the README's run, against ~0.8 min for seq2seq alone on a quiet machine and ~1.3-2 min under this "
-        f"run's load), {args.epochs} epochs, seed 42, batch 32, lr 3e-3 cosine; validation NDCG@10 on 500 "
-        "validation users after every epoch, the best epoch's weights saved as `final`. Then full-catalogue "
-        "constrained beam search (20 beams) on **all** 8,317 validation and test users; item-level "
-        "HR@10/NDCG@10 with bootstrap 95% CIs (1,000 resamples).",
+        f"Same recipe and budget for every SID index: {recipe_text(args)}. Each variant's stages:",
         "",
         "```bash",
         "python " + meta["train_command"],
         "python " + meta["eval_command"],
         "```",
         "",
+        "How to run: `python -m benchmarks.quantizer_ablation --epochs E` runs every variant's missing "
+        "stages one after another (a complete artifact is skipped, a killed training resumes); to run "
+        "variants side by side, one process per variant with `--only <q>`, e.g. "
+        "`printf '%s\\n' rkmeans balanced rqvae rvq random | xargs -P 2 -I{} python -m "
+        "benchmarks.quantizer_ablation --epochs E --only {}`, then `--report_only true`.",
+        "",
         "`random` is a control: random *unique* 3x256 codes (no collisions, no semantic structure), "
         f"seed {args.random_seed}, imported through `sid_tokenizer.build`'s `index_path` mode into "
-        "`outputs/ablation/sid_random`.",
+        f"`{sid_dir_for(args, 'random')}`.",
         "",
         "## Downstream results",
         "",
@@ -659,8 +509,8 @@ def write_report(args: AblationArgs, rows: dict[str, Any]) -> None:
             )
     lines += [
         "",
-        "Train/eval minutes are wall time on the shared machine (two stages side by side, plus other "
-        "people's jobs): they track the machine's load at the time, not the SIDs (see the notes).",
+        "Train/eval minutes are wall time: on a shared machine they track its load at the time "
+        "(stage_times.json), not the SIDs.",
         "",
     ]
     lines += [
@@ -785,10 +635,6 @@ def _plot(qs: list[str], rows: dict[str, Any], path: Path) -> None:
     ax.set_title("validation NDCG@10 during training (500 users)")
     ax.legend()
     fig.tight_layout()
-    import io
-
-    from data_prep.io import atomic_write_bytes
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
@@ -801,21 +647,24 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (args,) = TrlParser((AblationArgs,)).parse_args_and_config()
     os.chdir(ROOT)
+    if args.per_user_for:
+        per_user_stage(args, args.per_user_for)
+        return
+    variants = [args.only] if args.only else args.quantizers
     unknown = [
         q
-        for q in args.quantizers
+        for q in variants
         if q != "random"
         and not (Path(f"sid_tokenizer/configs/scientific_{q}.yaml").exists() or sid_dir_for(args, q).exists())
     ]
     if unknown:
         raise SystemExit(f"no SID index or build config for {unknown}")
-    if args.per_user_for:
-        per_user_stage(args, args.per_user_for)
-        return
     if not args.report_only:
-        run_stages(args)
-    write_report(args, collect(args))
-    logger.info("wrote %s/quantizer_ablation.{json,md,png}", args.report_dir)
+        for q in variants:
+            run_variant(args, q)
+    if not args.only:
+        write_report(args, collect(args))
+        logger.info("wrote %s/quantizer_ablation.{json,md,png}", args.report_dir)
 
 
 if __name__ == "__main__":

