@@ -23,8 +23,12 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -145,6 +149,9 @@ class Catalogue:
     titles: list[str]
     categories: list[list[str]]
     raw_ids: list[str]
+    # False for items taken out of serving (sid_tokenizer.new_items.remove_items); they keep
+    # their id and SID, and evaluation ignores the flag
+    active: list[bool] = field(default_factory=list)
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path) -> Catalogue:
@@ -160,11 +167,21 @@ class Catalogue:
                         raise DataError(d / "items.jsonl", f"invalid JSON: {e.msg}", line=lineno) from None
         raw_ids = [r["raw_id"] for r in rows]
         index = SidIndex.load(d / "index.json", raw_ids=raw_ids, level_sizes=tuple(meta["level_sizes"]))
+        active = [r.get("active", True) for r in rows]
+        bad = [n for n, a in enumerate(active) if not isinstance(a, bool)]
+        if bad:
+            raise DataError(
+                d / "items.jsonl",
+                f"expected true or false, got {active[bad[0]]!r}",
+                key=raw_ids[bad[0]],
+                field="active",
+            )
         return cls(
             index=index,
             titles=[r["title"] for r in rows],
             categories=[r.get("categories", []) for r in rows],
             raw_ids=raw_ids,
+            active=active,
         )
 
 
@@ -193,6 +210,57 @@ class CatalogueFiles:
         cat = Catalogue.load(self.checkpoint)
         self.stamp = stamp
         return cat
+
+
+class LiveCatalogue:
+    """The one reload owner for a checkpoint's catalogue (serving processor, API server, client).
+
+    ``value`` is ``build(Catalogue)`` of the last catalogue that loaded; ``refresh()`` reloads
+    when the files changed (checked at most every ``reload_seconds``). A reload that fails -- a
+    file half-written by hand, unreadable, or rejected by ``build`` -- keeps the last good value,
+    records ``error`` and is retried only when the files change again, so a server and its
+    clients keep answering with the same catalogue while someone fixes the files. The first load
+    raises: there is nothing to fall back on.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        reload_seconds: float = 0.0,
+        build: Callable[[Catalogue], Any] | None = None,
+    ) -> None:
+        self.files = CatalogueFiles(checkpoint)
+        self.reload_seconds = reload_seconds
+        self._build = build or (lambda cat: cat)
+        self._lock = threading.Lock()
+        self._checked = time.monotonic()
+        self.error: str | None = None
+        self.value = self._build(self.files.load())
+
+    def refresh(self, force: bool = False) -> bool:
+        """True when a new catalogue was loaded."""
+        now = time.monotonic()
+        if not force and now - self._checked < self.reload_seconds:
+            return False
+        self._checked = now
+        if not self.files.changed():
+            return False
+        with self._lock:
+            try:
+                stamp = self.files.current()
+                value = self._build(Catalogue.load(self.files.checkpoint))
+            except Exception as e:  # noqa: BLE001 - any broken edit: keep serving the last good one
+                self.error = f"{type(e).__name__}: {e}"
+                logger.warning(
+                    "reloading %s failed; keeping the last good catalogue: %s", self.files.dir, self.error
+                )
+                try:  # don't retry the same broken files on every call
+                    self.files.stamp = self.files.current()
+                except FileNotFoundError:
+                    pass
+                return False
+            self.value, self.files.stamp, self.error = value, stamp, None
+        return True
 
 
 def load_checkpoint(path: str | Path, device: str | None = None, dtype: torch.dtype | None = None):

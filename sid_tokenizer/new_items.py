@@ -149,3 +149,50 @@ def add_items(
         atomic_write_json(d / "meta.json", meta)
     logger.info("added %d item(s) to %s", len(out), d)
     return out
+
+
+def set_items_active(checkpoint: str | Path, raw_ids: list[str], active: bool = False) -> list[str]:
+    """Deactivate (``active=False``) or reactivate items of ``<checkpoint>/sidrec``.
+
+    A deactivated item keeps its row, id and SID (the model's vocabulary and the dataset's item
+    ids stay aligned; evaluation is unchanged), but serving never returns it: the processor's
+    trie, the ranking route and the export leave it out. ``items.jsonl`` rows get
+    ``"active": false`` (the key is dropped again on reactivation), written atomically; a running
+    server picks the change up on its next catalogue check. Unknown ids raise DataError.
+    Returns the ids whose state changed.
+    """
+    d = Path(checkpoint) / "sidrec"
+    wanted = {str(r).strip() for r in raw_ids}
+    with open(d / ".add_items.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the same writer lock as add_items
+        rows = [obj for _, obj in iter_jsonl(d / "items.jsonl")]
+        missing = sorted(wanted - {str(r.get("raw_id")) for r in rows})
+        if missing:
+            raise DataError(d / "items.jsonl", f"unknown item id(s) {missing[:5]}", field="raw_id")
+        changed = []
+        for r in rows:
+            if str(r["raw_id"]) in wanted and bool(r.get("active", True)) != active:
+                changed.append(str(r["raw_id"]))
+                if active:
+                    r.pop("active", None)
+                else:
+                    r["active"] = False
+        if changed:
+            if not active and all(r.get("active", True) is False for r in rows):
+                raise DataError(d / "items.jsonl", "deactivating every item would leave nothing to serve")
+            atomic_write_text(
+                d / "items.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            )
+            meta = read_json(d / "meta.json")
+            meta["num_active_items"] = sum(bool(r.get("active", True)) for r in rows)
+            meta.setdefault("item_state_changes", []).append(
+                {"active": active, "count": len(changed), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            )
+            atomic_write_json(d / "meta.json", meta)
+    logger.info("%s %d item(s) in %s", "reactivated" if active else "deactivated", len(changed), d)
+    return changed
+
+
+def remove_items(checkpoint: str | Path, raw_ids: list[str]) -> list[str]:
+    """Take items out of serving (``set_items_active(..., active=False)``)."""
+    return set_items_active(checkpoint, raw_ids, active=False)

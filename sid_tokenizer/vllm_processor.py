@@ -40,7 +40,6 @@ import os
 import re
 import sys
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,8 +50,8 @@ import numpy as np
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from sid_tokenizer.catalog import CatalogueFiles
-from sid_tokenizer.sid import SidIndex, SidTokenCodes
+from sid_tokenizer.catalog import LiveCatalogue
+from sid_tokenizer.sid import SidTokenCodes
 from sid_tokenizer.trie import SidTrie
 
 logger = logging.getLogger(__name__)
@@ -60,7 +59,16 @@ logger = logging.getLogger(__name__)
 ENV_CHECKPOINT = "SIDREC_CHECKPOINT"
 # Seconds between checks of the catalogue files' modification times (0: check on every new request).
 ENV_RELOAD_SECONDS = "SIDREC_RELOAD_SECONDS"
-SID_ARGS = ("sid_constrained", "sid_items", "sid_category", "sid_count", "sid_prefix_len", "sid_logprobs")
+SID_ARGS = (
+    "sid_constrained",
+    "sid_items",
+    "sid_category",
+    "sid_count",
+    "sid_prefix_len",
+    "sid_logprobs",
+    "sid_exclude",
+    "sid_exclude_seen",
+)
 MAX_SID_COUNT = 100
 _SUBTRIE_CACHE_SIZE = 256
 
@@ -76,6 +84,8 @@ class SidRequest:
     count: int = 1
     prefix_len: int = 0
     logprobs: bool = False
+    exclude: tuple[str, ...] | None = None  # raw item ids never to produce (blocklist)
+    exclude_seen: bool = False  # never produce a SID the prompt already mentions
 
     @property
     def filter_key(self) -> tuple:
@@ -105,47 +115,78 @@ def _int(name: str, value: Any, lo: int, hi: int) -> int:
     return out
 
 
+def _id_list(name: str, value: Any, allow_empty: bool = False) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [s.strip() for s in value.split(",")]
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(s, str | int) and not isinstance(s, bool) for s in value
+    ):
+        raise ValueError(
+            f"vllm_xargs.{name} must be a comma-separated string or a list of item ids, got {value!r}"
+        )
+    out = tuple(sorted({str(s).strip() for s in value if str(s).strip()}))
+    if not out and not allow_empty:
+        raise ValueError(f"vllm_xargs.{name} is empty")
+    return out
+
+
 def parse_sid_args(extra_args: dict[str, Any] | None) -> SidRequest | None:
     """``SamplingParams.extra_args`` -> ``SidRequest``; None when the processor is not asked for.
 
-    Raises ValueError naming the argument for wrong types, unknown ``sid_*`` names and filters
-    given without ``sid_constrained``. Checks against the catalogue are ``ServingCatalogue.check``.
+    Raises ValueError naming the argument for wrong types, unknown ``sid*`` names (in any
+    letter case: ``SID_COUNT`` is not silently ignored) and filters given without
+    ``sid_constrained``. Checks against the catalogue are ``ServingCatalogue.check``.
     """
     if not extra_args:
         return None
-    unknown = sorted(k for k in extra_args if k.startswith("sid_") and k not in SID_ARGS)
+    unknown = sorted(k for k in extra_args if k.lower().startswith("sid") and k not in SID_ARGS)
     if unknown:
-        raise ValueError(f"unknown vllm_xargs {unknown}; expected some of {list(SID_ARGS)}")
+        hint = [k.lower() for k in unknown if k.lower() in SID_ARGS]
+        raise ValueError(
+            f"unknown vllm_xargs {unknown}"
+            + (f" (names are lower case: {hint})" if hint else "")
+            + f"; expected some of {list(SID_ARGS)}"
+        )
     if not any(k in extra_args for k in SID_ARGS):
         return None
     constrained = _flag("sid_constrained", extra_args.get("sid_constrained", 0))
     logprobs = _flag("sid_logprobs", extra_args.get("sid_logprobs", 0))
     items = extra_args.get("sid_items")
     if items is not None:
-        if isinstance(items, str):
-            items = [s.strip() for s in items.split(",")]
-        if not isinstance(items, list | tuple) or not all(isinstance(s, str | int) for s in items):
-            raise ValueError(
-                f"vllm_xargs.sid_items must be a comma-separated string or a list of item ids, "
-                f"got {extra_args['sid_items']!r}"
-            )
-        items = tuple(sorted({str(s).strip() for s in items if str(s).strip()}))
-        if not items:
-            raise ValueError("vllm_xargs.sid_items is empty")
+        items = _id_list("sid_items", items)
+    exclude = extra_args.get("sid_exclude")
+    if exclude is not None:
+        exclude = _id_list("sid_exclude", exclude, allow_empty=True) or None
+    exclude_seen = _flag("sid_exclude_seen", extra_args.get("sid_exclude_seen", 0))
     category = extra_args.get("sid_category")
     if category is not None and (not isinstance(category, str) or not category.strip()):
         raise ValueError(f"vllm_xargs.sid_category must be a non-empty string, got {category!r}")
     count = _int("sid_count", extra_args.get("sid_count", 1), 1, MAX_SID_COUNT)
     prefix_len = _int("sid_prefix_len", extra_args.get("sid_prefix_len", 0), 0, 64)
     if not constrained and (
-        items is not None or category is not None or "sid_count" in extra_args or prefix_len
+        items is not None
+        or category is not None
+        or "sid_count" in extra_args
+        or prefix_len
+        or exclude is not None
+        or exclude_seen
     ):
         raise ValueError(
-            "vllm_xargs sid_items / sid_category / sid_count / sid_prefix_len need sid_constrained=1"
+            "vllm_xargs sid_items / sid_category / sid_count / sid_prefix_len / sid_exclude / "
+            "sid_exclude_seen need sid_constrained=1"
         )
     if not constrained and not logprobs:
         return None
-    return SidRequest(constrained, items, category.strip() if category else None, count, prefix_len, logprobs)
+    return SidRequest(
+        constrained,
+        items,
+        category.strip() if category else None,
+        count,
+        prefix_len,
+        logprobs,
+        exclude,
+        exclude_seen,
+    )
 
 
 # ----------------------------------------------------------------------------- catalogue + tries
@@ -185,49 +226,56 @@ class ServingCatalogue:
             reload_seconds = float(os.environ.get(ENV_RELOAD_SECONDS, "2"))
         self.reload_seconds = reload_seconds
         self._lock = threading.Lock()
-        self._checked = 0.0
-        self.files = CatalogueFiles(self.checkpoint)
-        self._load()
+        self.live = LiveCatalogue(self.checkpoint, reload_seconds, build=self._build)
+        self.__dict__.update(self.live.value)
 
-    def _load(self) -> None:
-        cat = self.files.load()
-        self.index: SidIndex = cat.index
-        self.titles = cat.titles
-        self.raw_ids = cat.raw_ids
-        self.item_of_raw = {r: i for i, r in enumerate(cat.raw_ids)}
+    def _build(self, cat) -> dict[str, Any]:
+        """Everything serving derives from a ``Catalogue`` (applied in one step by ``refresh``)."""
         by_cat: dict[str, list[int]] = {}
         for i, cats in enumerate(cat.categories):
             for c in {str(c).strip().lower() for c in cats}:
                 by_cat.setdefault(c, []).append(i)
-        self.items_of_category = {c: np.asarray(v, dtype=np.int64) for c, v in by_cat.items()}
-        self.full = _TrieInfo(SidTrie(self.index.codes, self.index.vocab.level_sizes))
-        self._subtries: OrderedDict[tuple, _TrieInfo] = OrderedDict()
+        # deactivated items (sid_tokenizer.new_items.remove_items) keep their ids but are never served
+        active = np.asarray(cat.active or [True] * len(cat.raw_ids), dtype=bool)
+        active_items = np.flatnonzero(active)
+        if not len(active_items):
+            raise ValueError(f"{self.dir / 'items.jsonl'}: every item is deactivated; nothing to serve")
+        full = _TrieInfo(SidTrie(cat.index.codes[active_items], cat.index.vocab.level_sizes))
         logger.info(
-            "sidrec catalogue %s: %d items, %d distinct SIDs", self.dir, len(self.index), len(self.full.trie)
+            "sidrec catalogue %s: %d items (%d active), %d distinct SIDs",
+            self.dir,
+            len(cat.index),
+            len(active_items),
+            len(full.trie),
         )
+        return {
+            "index": cat.index,
+            "titles": cat.titles,
+            "raw_ids": cat.raw_ids,
+            "item_of_raw": {r: i for i, r in enumerate(cat.raw_ids)},
+            "items_of_category": {c: np.asarray(v, dtype=np.int64) for c, v in by_cat.items()},
+            "active": active,
+            "active_items": active_items,
+            "full": full,
+            "_subtries": OrderedDict(),
+        }
 
     @property
     def num_levels(self) -> int:
         return self.index.vocab.num_levels
 
+    @property
+    def reload_error(self) -> str | None:
+        """Why the last reload failed (the previous catalogue is still served), None if it did not."""
+        return self.live.error
+
     def refresh(self, force: bool = False) -> bool:
-        """Reload if the catalogue files changed (checked at most every ``reload_seconds``)."""
-        now = time.monotonic()
-        if not force and now - self._checked < self.reload_seconds:
-            return False
-        self._checked = now
-        if not self.files.changed():
+        """Reload if the catalogue files changed (checked at most every ``reload_seconds``); a
+        broken edit keeps the previous catalogue (``sid_tokenizer.catalog.LiveCatalogue``)."""
+        if not self.live.refresh(force):
             return False
         with self._lock:
-            try:
-                self._load()
-            except Exception:  # a broken edit must not take the server down: keep serving the old one
-                logger.exception("reloading %s failed; keeping the previous catalogue", self.dir)
-                try:  # don't retry the same broken files on every request
-                    self.files.stamp = self.files.current()
-                except FileNotFoundError:
-                    pass
-                return False
+            self.__dict__.update(self.live.value)
         return True
 
     def select_items(self, req: SidRequest, strict: bool = True) -> np.ndarray | None:
@@ -237,6 +285,8 @@ class ServingCatalogue:
         if req.items is not None:
             known = [self.item_of_raw[r] for r in req.items if r in self.item_of_raw]
             missing = [r for r in req.items if r not in self.item_of_raw]
+            # an allow-list may name items deactivated since the client built it: they are dropped
+            known = [i for i in known if self.active[i]]
             if missing and strict:
                 shown = ", ".join(repr(m) for m in missing[:5])
                 raise ValueError(
@@ -247,6 +297,7 @@ class ServingCatalogue:
             sel = np.asarray(sorted(known), dtype=np.int64)
         if req.category is not None:
             in_cat = self.items_of_category.get(req.category.lower(), np.zeros(0, dtype=np.int64))
+            in_cat = in_cat[self.active[in_cat]]
             sel = in_cat if sel is None else np.intersect1d(sel, in_cat)
             if len(sel) == 0 and strict:
                 raise ValueError(
@@ -254,8 +305,50 @@ class ServingCatalogue:
                     f"{' among sid_items' if req.items is not None else ''}"
                 )
         if sel is not None and len(sel) == 0 and strict:
-            raise ValueError("vllm_xargs.sid_items: no catalogue item selected")
+            raise ValueError("vllm_xargs.sid_items: no active catalogue item selected")
         return sel
+
+    def allowed_items(self, req: SidRequest) -> np.ndarray:
+        """Active item ids the request's filter allows, before its exclusions."""
+        sel = self.select_items(req, strict=False)
+        return self.active_items if sel is None else sel
+
+    def banned_codes(self, req: SidRequest, seen: np.ndarray | None = None) -> np.ndarray | None:
+        """(n, L) SIDs the request must never produce, None if none: the SIDs the prompt
+        mentions (``seen``, with ``sid_exclude_seen``) and those whose every allowed item is on
+        the ``sid_exclude`` blocklist (a SID shared with an item not on it stays allowed).
+        Blocklisted ids that are not catalogue items are ignored."""
+        L = self.num_levels
+        parts = []
+        if req.exclude_seen and seen is not None and len(seen):
+            parts.append(np.asarray(seen, dtype=np.int64).reshape(-1, L))
+        if req.exclude:
+            ex = {self.item_of_raw[r] for r in req.exclude if r in self.item_of_raw}
+            if ex:
+                allowed = self.allowed_items(req)
+                codes = self.index.codes[allowed]
+                blocked = np.isin(allowed, np.fromiter(ex, dtype=np.int64))
+                sids, inv = np.unique(codes, axis=0, return_inverse=True)
+                inv = inv.reshape(-1)
+                keep = np.bincount(inv, weights=~blocked, minlength=len(sids)) == 0
+                parts.append(sids[keep])
+        if not parts:
+            return None
+        out = np.unique(np.concatenate(parts), axis=0)
+        return out if len(out) else None
+
+    def items_of_sid(self, codes: tuple[int, ...], req: SidRequest | None = None) -> list[int]:
+        """Active items behind a SID, inside the request's filter and not on its blocklist."""
+        items = [i for i in self.index.sid_to_items.get(tuple(codes), []) if self.active[i]]
+        if req is None:
+            return items
+        sel = self.select_items(req, strict=False)
+        if sel is not None:
+            items = [i for i in items if i in set(sel.tolist())]
+        if req.exclude:
+            ex = set(req.exclude)
+            items = [i for i in items if self.raw_ids[i] not in ex]
+        return items
 
     def trie_for(self, req: SidRequest, strict: bool = False) -> _TrieInfo | None:
         """The full trie, or the cached sub-trie of the request's filter (None if it is empty)."""
@@ -276,12 +369,17 @@ class ServingCatalogue:
                     self._subtries.popitem(last=False)
         return info
 
-    def check(self, req: SidRequest) -> None:
-        """ValueError when the request cannot be served by this catalogue."""
+    def check(self, req: SidRequest, banned: np.ndarray | None = None) -> None:
+        """ValueError when the request cannot be served by this catalogue (``banned``: the
+        request's excluded SIDs, ``banned_codes``)."""
         info = self.trie_for(req, strict=True)
-        if req.count > len(info.trie):
+        left = len(info.trie)
+        if banned is not None and len(banned):
+            left -= int((info.trie.walk(banned) >= 0).sum())
+        if req.count > left:
             raise ValueError(
-                f"vllm_xargs.sid_count={req.count} but the filter leaves only {len(info.trie)} "
+                f"vllm_xargs.sid_count={req.count} but the filter"
+                f"{' and exclusions leave' if banned is not None else ' leaves'} only {left} "
                 f"distinct SID(s)"
             )
         if req.prefix_len >= self.num_levels:
@@ -308,11 +406,36 @@ class SidMasker:
         """(N, d) token ids at levels 0..d-1 -> codes (-1 where a token is not that level's SID token)."""
         return self.token_codes.codes(tokens)
 
+    def sids_in_tokens(self, tokens: Sequence[int]) -> np.ndarray:
+        """(n, L) codes of the complete SIDs in a token sequence: runs of level-0..L-1 SID
+        tokens in order (a partial SID, e.g. a beam prefix at the end, is not counted)."""
+        L = self.num_levels
+        toks = np.asarray(tokens, dtype=np.int64)
+        if len(toks) < L:
+            return np.zeros((0, L), dtype=np.int64)
+        codes = np.stack([self.token_codes.level(toks, lv) for lv in range(L)], axis=1)  # (T, L)
+        found, t = [], 0
+        while t + L <= len(toks):
+            row = [codes[t + j, j] for j in range(L)]
+            if min(row) >= 0:
+                found.append(row)
+                t += L
+            else:
+                t += 1
+        return np.asarray(found, dtype=np.int64).reshape(-1, L)
+
     def allowed(
-        self, reqs: Sequence[SidRequest], generated: Sequence[Sequence[int]]
+        self,
+        reqs: Sequence[SidRequest],
+        generated: Sequence[Sequence[int]],
+        banned: Sequence[np.ndarray | None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """For each row (a constrained request and its SID tokens so far, prompt prefix included):
-        (rows, token_ids) of allowed SID tokens, flattened, and the rows that may only end."""
+        (rows, token_ids) of allowed SID tokens, flattened, and the rows that may only end.
+
+        ``banned[r]``: (n, L) SID codes row r must not produce (its exclusions); SIDs the row
+        already produced (``sid_count`` > 1) are never produced twice. A child whose every leaf
+        is banned or produced is not allowed; a row left with nothing may only end."""
         L = self.num_levels
         groups: dict[tuple, list[int]] = {}
         end_rows: list[int] = []
@@ -336,9 +459,12 @@ class SidMasker:
                 nodes = np.zeros(len(rows), dtype=np.int64)
             end_rows.extend(rows_a[nodes < 0].tolist())
             rr, codes = trie.allowed_pairs(d, nodes)
-            keep = self._distinct(info, d, rows_a, nodes, rr, codes, reqs, generated)
+            group_banned = [banned[r] for r in rows] if banned is not None else None
+            keep = self._distinct(info, d, rows_a, nodes, rr, codes, generated, group_banned)
             if keep is not None:
                 rr, codes = rr[keep], codes[keep]
+                empty = np.setdiff1d(np.flatnonzero(nodes >= 0), rr)  # every child used up
+                end_rows.extend(rows_a[empty].tolist())
             out_rows.append(rows_a[rr])
             out_toks.append(self.level_token_ids[d][codes])
         rows_out = np.concatenate(out_rows) if out_rows else np.zeros(0, dtype=np.int64)
@@ -353,26 +479,34 @@ class SidMasker:
         nodes: np.ndarray,
         rr: np.ndarray,
         codes: np.ndarray,
-        reqs: Sequence[SidRequest],
         generated: Sequence[Sequence[int]],
+        banned: Sequence[np.ndarray | None] | None = None,
     ) -> np.ndarray | None:
         """Bool mask over the flattened (rr, codes) pairs dropping children whose every leaf is a
-        SID this row already produced (``sid_count`` > 1); None when no row has produced one."""
+        SID this row already produced (``sid_count`` > 1) or must not produce (``banned``);
+        None when no row has any."""
         L = self.num_levels
-        done_local = [k for k, r in enumerate(rows.tolist()) if len(generated[r]) >= L]
-        if not done_local:
+        used_of: dict[int, np.ndarray] = {}
+        trie = info.trie
+        for k, r in enumerate(rows.tolist()):
+            parts = []
+            gen = generated[r]
+            done = len(gen) // L
+            if done:
+                parts.append(self.codes_of(np.asarray(gen[: done * L]).reshape(done, L)))
+            if banned is not None and banned[k] is not None and len(banned[k]):
+                parts.append(np.asarray(banned[k], dtype=np.int64).reshape(-1, L))
+            if parts:
+                leaves = trie.walk(np.concatenate(parts))
+                leaves = np.unique(leaves[leaves >= 0])  # a banned SID produced anyway counts once
+                if len(leaves):
+                    used_of[k] = leaves
+        if not used_of:
             return None
         info.ensure_counts()
-        trie = info.trie
         child = trie.step(d, nodes[rr], codes)  # node ids at depth d+1
         keep = np.ones(len(rr), dtype=bool)
-        for k in done_local:
-            gen = generated[rows[k]]
-            done = len(gen) // L
-            used = trie.walk(self.codes_of(np.asarray(gen[: done * L]).reshape(done, L)))
-            used = used[used >= 0]
-            if not len(used):
-                continue
+        for k, used in used_of.items():
             anc = used
             for lv in range(L - 1, d, -1):  # leaves (depth L) up to depth d+1
                 anc = info.parents[lv][anc]
@@ -399,9 +533,13 @@ def _checkpoint_from_argv(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _frontend_path() -> str | None:
+    return os.environ.get(ENV_CHECKPOINT) or _checkpoint_from_argv(sys.argv)
+
+
 def frontend_catalogue() -> ServingCatalogue | None:
     """The catalogue as seen by the API-server process (None if it cannot be located)."""
-    path = os.environ.get(ENV_CHECKPOINT) or _checkpoint_from_argv(sys.argv)
+    path = _frontend_path()
     if not path:
         return None
     cat = _frontend.get(path)
@@ -414,6 +552,29 @@ def frontend_catalogue() -> ServingCatalogue | None:
     return cat
 
 
+_frontend_maskers: dict[str, SidMasker] = {}
+
+
+def frontend_masker() -> SidMasker | None:
+    """A ``SidMasker`` on the frontend catalogue plus the checkpoint's tokenizer (``.tokenizer``),
+    for the checks that read token ids and for the ranking route (None without a catalogue)."""
+    cat = frontend_catalogue()
+    if cat is None:
+        return None
+    path = _frontend_path()
+    masker = _frontend_maskers.get(path)
+    if masker is None:
+        from transformers import AutoTokenizer
+
+        from sid_tokenizer.vocab import sid_token_ids
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        masker = SidMasker(cat, sid_token_ids(tokenizer, cat.index.vocab), vocab_size=len(tokenizer))
+        masker.tokenizer = tokenizer
+        _frontend_maskers[path] = masker
+    return masker
+
+
 # ----------------------------------------------------------------------------- the processor
 @dataclass
 class _Row:
@@ -421,6 +582,7 @@ class _Row:
     prompt_tail: list[int]
     output: list[int]  # vLLM's live list of this request's output tokens
     end_ids: list[int]
+    banned: np.ndarray | None = None  # (n, L) SIDs this request excludes
 
 
 class SidTrieLogitsProcessor(LogitsProcessor):
@@ -450,7 +612,7 @@ class SidTrieLogitsProcessor(LogitsProcessor):
             return
         cat = frontend_catalogue()
         if cat is not None:
-            cat.check(req)
+            cat.check(req, cat.banned_codes(req))
 
     def is_argmax_invariant(self) -> bool:
         return False  # it changes which token is the argmax: must also run for greedy requests
@@ -467,7 +629,14 @@ class SidTrieLogitsProcessor(LogitsProcessor):
         end_ids = set(getattr(params, "all_stop_token_ids", None) or ())
         if self.eos_token_id is not None:
             end_ids.add(self.eos_token_id)
-        return _Row(req, tail, output_ids, sorted(end_ids))
+        banned = None
+        if req.constrained and (req.exclude or req.exclude_seen):
+            context = list(prompt_ids or [])
+            if req.prefix_len:
+                context = context[: len(context) - req.prefix_len]
+            seen = self.masker.sids_in_tokens(context) if req.exclude_seen else None
+            banned = self.catalogue.banned_codes(req, seen)
+        return _Row(req, tail, output_ids, sorted(end_ids), banned)
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         if batch_update is None:
@@ -510,7 +679,10 @@ class SidTrieLogitsProcessor(LogitsProcessor):
         if not cons:
             return logits
         gen = [rows[k].prompt_tail + rows[k].output if rows[k].prompt_tail else rows[k].output for k in cons]
-        ar, at, end = self.masker.allowed([rows[k].req for k in cons], gen)
+        banned = [rows[k].banned for k in cons]
+        ar, at, end = self.masker.allowed(
+            [rows[k].req for k in cons], gen, banned if any(b is not None for b in banned) else None
+        )
         global_rows = np.asarray([batch[k] for k in cons], dtype=np.int64)
         end_ids = [rows[cons[e]].end_ids for e in end.tolist()]
         end_r = np.repeat(global_rows[end], [len(e) for e in end_ids]) if len(end) else np.zeros(0, np.int64)
@@ -577,51 +749,223 @@ def _request_texts(body: dict) -> list[str]:
     return texts
 
 
+def _token_prompts(body: dict) -> list[list[int]]:
+    """Completion prompts given as token ids (a list of ints or a list of such lists)."""
+
+    def is_ids(x: Any) -> bool:
+        return (
+            isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+        )
+
+    prompt = body.get("prompt")
+    if is_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list):
+        return [p for p in prompt if is_ids(p)]
+    return []
+
+
+def prompt_problems(
+    token_ids: Sequence[int], catalogue: ServingCatalogue, masker: SidMasker, allow_partial_tail: int = 0
+) -> str | None:
+    """The guard's message for a token-id prompt mentioning non-catalogue SIDs (None if fine):
+    the ids are decoded and checked like a text prompt, so both forms get the same answer."""
+    vocab_size = len(masker.tokenizer)
+    if any(t < 0 or t >= vocab_size for t in token_ids):
+        return None  # vLLM rejects out-of-vocabulary ids itself
+    text = masker.tokenizer.decode(list(token_ids), skip_special_tokens=False)
+    bad = unknown_sids(text, catalogue, allow_partial_tail)
+    return _unknown_message(bad, catalogue) if bad else None
+
+
+def _unknown_message(bad: list[str], cat: ServingCatalogue) -> str:
+    shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
+    return (
+        f"the prompt mentions {len(bad)} SID(s) that are not catalogue items: {shown} "
+        f"(catalogue: {cat.dir}, {len(cat.index)} items; a SID is {cat.num_levels} tokens "
+        f"like {cat.index.sid(int(cat.active_items[0]))})"
+    )
+
+
+def _sid_alphabet(cat: ServingCatalogue) -> set[str]:
+    vocab = cat.index.vocab
+    return set("".join(vocab.token(lv, 0) for lv in range(vocab.num_levels))) | set("0123456789")
+
+
+def constrained_option_problem(
+    body: dict, req: SidRequest, cat: ServingCatalogue, masker: SidMasker | None
+) -> tuple[str, str] | None:
+    """(message, param) for a request option that would break a constrained answer, else None.
+
+    The constraint fixes the completion to ``sid_count`` whole catalogue SIDs followed by EOS.
+    Options that restrict tokens too (structured outputs, tools, ``allowed_token_ids``,
+    ``bad_words``) would leave rows with nothing allowed (HTTP 500 or empty answers); stop
+    strings/tokens that can occur inside a SID, a ``max_tokens`` below the SIDs' length,
+    ``min_tokens`` beyond it or ``ignore_eos`` cut or pad the SIDs; ``top_logprobs`` list the
+    unconstrained model's alternatives (forbidden tokens); ``echo`` and
+    ``continue_final_message`` mix prompt text into the answer."""
+    need = req.count * cat.num_levels
+    why = "cannot be combined with the SID constraint (vllm_xargs.sid_constrained)"
+    rf = body.get("response_format")
+    rf_type = rf.get("type") if isinstance(rf, dict) else rf
+    if rf is not None and rf_type not in (None, "text"):
+        return f"response_format {rf_type!r} {why}: the answer is SIDs, not JSON", "response_format"
+    if body.get("structured_outputs") not in (None, {}):
+        return f"structured_outputs {why}: both restrict the output tokens", "structured_outputs"
+    if body.get("tools") and body.get("tool_choice") not in (None, "none"):
+        return f"tools {why}: tool calls are not SIDs (tool_choice 'none' is accepted)", "tools"
+    if body.get("allowed_token_ids") is not None:
+        return (
+            f"allowed_token_ids {why}: the constraint already decides the allowed tokens "
+            "(use vllm_xargs.sid_items / sid_category to restrict items)",
+            "allowed_token_ids",
+        )
+    if body.get("bad_words"):
+        return f"bad_words {why} (use vllm_xargs.sid_exclude to block items)", "bad_words"
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
+    alphabet = _sid_alphabet(cat)
+    for st in stops:
+        if isinstance(st, str) and st and set(st) <= alphabet | set(" \t\n\r"):
+            return f"stop string {st!r} can occur inside a SID and would cut it; {why}", "stop"
+    ids = body.get("stop_token_ids")
+    if isinstance(ids, list) and masker is not None:
+        sid_tokens = {int(t) for lv in masker.level_token_ids for t in lv}
+        hit = [t for t in ids if isinstance(t, int) and t in sid_tokens]
+        if hit:
+            return f"stop_token_ids {hit[:5]} are SID tokens and would cut a SID; {why}", "stop_token_ids"
+    if _truthy(body.get("ignore_eos")):
+        return f"ignore_eos {why}: after the SIDs only EOS is allowed", "ignore_eos"
+    for key in ("max_tokens", "max_completion_tokens"):
+        v = body.get(key)
+        if isinstance(v, int) and not isinstance(v, bool) and v < need:
+            return (
+                f"{key}={v} is below the {need} tokens of sid_count={req.count} SID(s) of "
+                f"{cat.num_levels} tokens: the answer would end inside a SID",
+                key,
+            )
+    v = body.get("min_tokens")
+    if isinstance(v, int) and not isinstance(v, bool) and v > need:
+        return (
+            f"min_tokens={v} exceeds the {need} tokens of sid_count={req.count} SID(s): after them "
+            "only EOS is allowed",
+            "min_tokens",
+        )
+    top = body.get("top_logprobs")
+    if "messages" not in body:  # completions: logprobs=N asks for the N best alternatives
+        top = body.get("logprobs")
+    if isinstance(top, int | float) and not isinstance(top, bool) and top > 0:
+        return (
+            f"top_logprobs/logprobs={top} would list the unconstrained model's alternatives, "
+            f"tokens the SID constraint forbids; ask {RANK_ROUTE} for scored items (or logprobs=0 / "
+            "top_logprobs=0 for the chosen tokens' log-probabilities)",
+            "top_logprobs" if "messages" in body else "logprobs",
+        )
+    if _truthy(body.get("echo")):
+        return f"echo {why}: the answer would start with the prompt's SIDs", "echo"
+    if _truthy(body.get("continue_final_message")):
+        return (
+            f"continue_final_message {why}: a constrained answer starts a new SID",
+            "continue_final_message",
+        )
+    return None
+
+
+RANK_ROUTE = "/v1/sid/rank"
+INFO_ROUTE = "/v1/sid/info"
+ENV_LAUNCH_TOKEN = "SIDREC_LAUNCH_TOKEN"
+
+
+def _info():
+    from starlette.responses import JSONResponse
+
+    cat = frontend_catalogue()
+    return JSONResponse(
+        {
+            "launch_token": os.environ.get(ENV_LAUNCH_TOKEN),
+            "pid": os.getpid(),
+            "checkpoint": _frontend_path(),
+            "items": len(cat.index) if cat else None,
+            "active_items": len(cat.active_items) if cat else None,
+        }
+    )
+
+
 async def sid_prompt_guard(request, call_next):
-    """ASGI middleware (``--middleware sid_tokenizer.vllm_processor.sid_prompt_guard``) on chat and
-    completion requests: HTTP 400 naming the problem for a prompt mentioning a SID that is not in
-    the catalogue, for bad ``sid_*`` arguments in ``vllm_xargs`` (also with ``stream: true``),
-    for ``use_beam_search`` with the constraint on (vLLM's beam search skips logits processors)
-    and for JSON nested too deeply to parse. Everything else goes on to vLLM unchanged."""
-    if request.method != "POST" or not request.url.path.endswith(("/chat/completions", "/completions")):
+    """ASGI middleware (``--middleware sid_tokenizer.vllm_processor.sid_prompt_guard``).
+
+    On chat and completion requests: HTTP 400 naming the problem for a prompt (text or token
+    ids) mentioning a SID that is not in the catalogue, for bad ``sid_*`` arguments in
+    ``vllm_xargs`` (also with ``stream: true``), for request options that would break a
+    constrained answer (``constrained_option_problem``), for ``use_beam_search`` with the
+    constraint on (vLLM's beam search skips logits processors) and for JSON nested too deeply to
+    parse. Everything else goes on to vLLM unchanged. It also answers ``POST /v1/sid/rank``
+    (``sid_tokenizer.vllm_rank``: the constrained top-K with scores) and ``GET /v1/sid/info``
+    (which launch this server is: ``SIDREC_LAUNCH_TOKEN``, pid, catalogue size)."""
+    path = request.url.path
+    if request.method == "GET" and path.endswith(INFO_ROUTE):
+        return _info()
+    is_rank = request.method == "POST" and path.endswith(RANK_ROUTE)
+    if not is_rank and (request.method != "POST" or not path.endswith(("/chat/completions", "/completions"))):
         return await call_next(request)
     cat = frontend_catalogue()
     if cat is None:
+        if is_rank:
+            return _bad_request(f"this server has no sidrec catalogue ({ENV_CHECKPOINT})", None)
         return await call_next(request)
     try:
         body = json.loads(await request.body() or b"{}")
     except ValueError:
+        if is_rank:
+            return _bad_request("the request body is not valid JSON", "body")
         return await call_next(request)  # let vLLM report malformed JSON itself
     except RecursionError:  # json.loads would raise it again inside vLLM: HTTP 500
         return _bad_request("the request body nests JSON too deeply", "body")
+    if is_rank:
+        from sid_tokenizer.vllm_rank import handle_rank
+
+        return await handle_rank(request, body)
     if not isinstance(body, dict):
         return await call_next(request)
     xargs = body.get("vllm_xargs") if isinstance(body.get("vllm_xargs"), dict) else {}
+    masker = frontend_masker()
+    token_prompts = _token_prompts(body)
     # validate_params checks these too, but for stream=true vLLM answers its ValueError with
     # HTTP 200 and an error event: checking here gives every bad request a 400 before streaming
     try:
         req = parse_sid_args(xargs)
         if req is not None and req.constrained:
-            cat.check(req)
+            seen = None
+            if req.exclude_seen:
+                vocab = cat.index.vocab
+                found = [c for t in _request_texts(body) for c in vocab.find_all(t)]
+                if masker is not None:
+                    found += [tuple(c) for p in token_prompts for c in masker.sids_in_tokens(p).tolist()]
+                seen = np.asarray(found, dtype=np.int64).reshape(-1, cat.num_levels)
+            cat.check(req, cat.banned_codes(req, seen))
     except ValueError as e:
         return _bad_request(str(e), "vllm_xargs")
     partial = req.prefix_len if req is not None else 0
-    if _truthy(body.get("use_beam_search")) and req is not None and req.constrained:
-        return _bad_request(
-            "use_beam_search does not run logits processors (vLLM issue #21546), so the SID "
-            "constraint would be ignored; ask for distinct items with vllm_xargs.sid_count instead",
-            "use_beam_search",
-        )
+    if req is not None and req.constrained:
+        if _truthy(body.get("use_beam_search")):
+            return _bad_request(
+                "use_beam_search does not run logits processors (vLLM issue #21546), so the SID "
+                f"constraint would be ignored; POST {RANK_ROUTE} returns the constrained top-K with "
+                "scores, vllm_xargs.sid_count asks for distinct items",
+                "use_beam_search",
+            )
+        problem = constrained_option_problem(body, req, cat, masker)
+        if problem is not None:
+            return _bad_request(*problem)
     bad = [s for text in _request_texts(body) for s in unknown_sids(text, cat, partial)]
-    if not bad:
-        return await call_next(request)
-    shown = ", ".join(bad[:5]) + (", ..." if len(bad) > 5 else "")
-    message = (
-        f"the prompt mentions {len(bad)} SID(s) that are not catalogue items: {shown} "
-        f"(catalogue: {cat.dir}, {len(cat.index)} items; a SID is {cat.num_levels} tokens "
-        f"like {cat.index.sid(0)})"
-    )
-    return _bad_request(message, "messages")
+    if bad:
+        return _bad_request(_unknown_message(bad, cat), "messages" if "messages" in body else "prompt")
+    if masker is not None:
+        for ids in token_prompts:
+            problem = prompt_problems(ids, cat, masker, partial)
+            if problem:
+                return _bad_request(problem, "prompt")
+    return await call_next(request)
 
 
 def _truthy(value: Any) -> bool:
