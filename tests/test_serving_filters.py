@@ -12,24 +12,16 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from tests.test_vllm import (  # noqa: E402,F401  (mini_ckpt is a fixture)
-    CODES,
-    LEVELS,
-    add,
-    decode_sids,
-    make_processor,
-    mini_ckpt,
-    params,
-    run_greedy,
-    update,
-)
-
 from sid_tokenizer.vllm_processor import (  # noqa: E402
     ENV_CHECKPOINT,
     ServingCatalogue,
     SidTrieLogitsProcessor,
     parse_sid_args,
 )
+from tests import test_vllm as tv  # noqa: E402
+from tests.test_vllm import CODES, LEVELS, add, decode_sids, make_processor, params, run_greedy, update  # noqa: E402
+
+mini_ckpt = tv.mini_ckpt  # the synthetic checkpoint fixture (weights-free), shared
 
 L = len(LEVELS)
 
