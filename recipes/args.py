@@ -121,3 +121,32 @@ def parse_rl_args(argv: list[str] | None = None) -> tuple[RLScriptArgs, GRPOConf
     if pre.algorithm not in RL_CONFIGS:
         raise ValueError(f"algorithm must be one of {sorted(RL_CONFIGS)}, got {pre.algorithm!r}")
     return TrlParser((RLScriptArgs, RL_CONFIGS[pre.algorithm], ModelConfig)).parse_args_and_config(argv)
+
+
+@dataclass
+class ExportArgs:
+    checkpoint: str = field(default="outputs/demo/sft/final", metadata={"help": "sidrec checkpoint dir"})
+    output_dir: str = "outputs/export/test"
+    split: str = field(default="test", metadata={"help": "valid | test | full (whole sequences)"})
+    users_file: str | None = field(
+        default=None, metadata={"help": "JSONL {user_id, history}; overrides split"}
+    )
+    dataset_dir: str | None = field(default=None, metadata={"help": "default: <checkpoint>/sidrec/meta.json"})
+    max_users: int | None = field(default=None, metadata={"help": "only the first N users"})
+    k: int = field(default=20, metadata={"help": "items per user"})
+    max_history: int = 20
+    exclude_seen: bool = field(default=False, metadata={"help": "drop the items in the user's history"})
+    sid_items: list[str] | None = field(default=None, metadata={"help": "only these raw item ids"})
+    sid_category: str | None = None
+    sid_exclude: list[str] | None = field(default=None, metadata={"help": "never these raw item ids"})
+    formats: list[str] = field(default_factory=lambda: ["jsonl", "parquet"])
+    concurrency: int = field(default=8, metadata={"help": "requests in flight (the engine batches them)"})
+    flush_every: int = field(default=64, metadata={"help": "fsync the partial file every N users"})
+    base_url: str | None = field(
+        default=None, metadata={"help": "a running sidrec server; default: start one"}
+    )
+    port: int = 0
+    max_num_seqs: int = 256
+    kv_cache_gib: int = 1
+    startup_timeout: float = 900
+    request_timeout: float = 300

@@ -1,9 +1,12 @@
 """Ask a running sidrec server for recommendations and render SIDs as item titles.
 
 ``SidRecClient``: chat / completion requests through the ``openai`` client with the constraint
-switched on (``vllm_xargs``), answers parsed into ``Recommendation``s; ``CatalogueView`` maps
-SIDs to items and reloads the checkpoint's catalogue when its files change (new items added
-with ``sid_tokenizer.new_items.add_items``).
+switched on (``vllm_xargs``), answers parsed into ``Recommendation``s, and ``rank`` (the served
+constrained top-K with scores, ``POST /v1/sid/rank``); ``CatalogueView`` maps SIDs to items and
+reloads the checkpoint's catalogue when its files change (new items added with
+``sid_tokenizer.new_items.add_items``, items deactivated with ``remove_items``). A reload that
+fails keeps the last good catalogue (as the server does), so the client keeps answering while a
+file is being fixed.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sid_tokenizer.catalog import CatalogueFiles
+from sid_tokenizer.catalog import LiveCatalogue
 from sid_tokenizer.prompts import sid_sequence_prompt
 
 logger = logging.getLogger(__name__)
@@ -42,16 +45,23 @@ class Recommendation:
 
 
 class CatalogueView:
-    """SID -> items lookup on a checkpoint's catalogue, reloaded when its files change."""
+    """SID -> items lookup on a checkpoint's catalogue, reloaded when its files change; a broken
+    reload keeps the last good catalogue (``reload_error`` says why)."""
 
     def __init__(self, checkpoint: str | Path) -> None:
         self.checkpoint = Path(checkpoint)
-        self.files = CatalogueFiles(checkpoint)
-        self.catalogue = self.files.load()
+        self.live = LiveCatalogue(checkpoint)
+
+    @property
+    def catalogue(self):
+        return self.live.value
+
+    @property
+    def reload_error(self) -> str | None:
+        return self.live.error
 
     def refresh(self) -> None:
-        if self.files.changed():
-            self.catalogue = self.files.load()
+        self.live.refresh()
 
     @property
     def vocab(self):
@@ -85,15 +95,47 @@ class CatalogueView:
 
 
 def sid_xargs(
-    count: int = 1, items: Sequence[str] | str | None = None, category: str | None = None
+    count: int = 1,
+    items: Sequence[str] | str | None = None,
+    category: str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    exclude_seen: bool = False,
 ) -> dict[str, Any]:
-    """The ``vllm_xargs`` that switch the SID constraint on."""
+    """The ``vllm_xargs`` that switch the SID constraint on (with the request's filter)."""
     xargs: dict[str, Any] = {"sid_constrained": 1, "sid_count": count}
-    if items is not None:
-        xargs["sid_items"] = items if isinstance(items, str) else ",".join(str(i) for i in items)
-    if category is not None:
-        xargs["sid_category"] = category
+    xargs.update(sid_filter(items, category, exclude, exclude_seen))
     return xargs
+
+
+def sid_filter(
+    items: Sequence[str] | str | None = None,
+    category: str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    exclude_seen: bool = False,
+) -> dict[str, Any]:
+    """Filter keys shared by ``vllm_xargs`` and the ``/v1/sid/rank`` body."""
+    out: dict[str, Any] = {}
+    if items is not None:
+        out["sid_items"] = items if isinstance(items, str) else [str(i) for i in items]
+    if category is not None:
+        out["sid_category"] = category
+    if exclude is not None:
+        out["sid_exclude"] = exclude if isinstance(exclude, str) else [str(i) for i in exclude]
+    if exclude_seen:
+        out["sid_exclude_seen"] = 1
+    return out
+
+
+@dataclass
+class RankedItem:
+    """One entry of a served ranking: a SID, its score (summed log-probabilities) and its items."""
+
+    rank: int
+    sid: str
+    score: float
+    item_ids: list[int]
+    raw_ids: list[str]
+    titles: list[str]
 
 
 class SidRecClient:
@@ -112,6 +154,38 @@ class SidRecClient:
         self.openai = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
         self.view = CatalogueView(checkpoint)
         self.model = model or self.openai.models.list().data[0].id
+
+    def rank_raw(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/sid/rank`` with this body; the JSON answer (``openai.APIStatusError`` on 4xx/5xx)."""
+        import httpx
+
+        return self.openai.post(
+            "/sid/rank", body={"model": self.model, **body}, cast_to=httpx.Response
+        ).json()
+
+    def rank(
+        self,
+        history: Sequence[str] | None = None,
+        prompt: str | list[dict] | None = None,
+        k: int = 20,
+        items: Sequence[str] | str | None = None,
+        category: str | None = None,
+        exclude: Sequence[str] | str | None = None,
+        exclude_seen: bool = False,
+        max_history: int = 20,
+    ) -> list[RankedItem]:
+        """The served constrained top-``k`` (best first, with scores): for a history of raw item ids
+        (the seq2seq prompt evaluation ranks), a raw prompt string, or chat messages."""
+        if (history is None) == (prompt is None):
+            raise ValueError("give history or prompt")
+        body: dict[str, Any] = {"k": k, **sid_filter(items, category, exclude, exclude_seen)}
+        if history is not None:
+            body.update(history=[str(r) for r in history], max_history=max_history)
+        elif isinstance(prompt, str):
+            body["prompt"] = prompt
+        else:
+            body["messages"] = prompt
+        return [RankedItem(**it) for it in self.rank_raw(body)["items"]]
 
     def _max_tokens(self, count: int) -> int:
         return count * self.view.vocab.num_levels + 1

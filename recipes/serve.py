@@ -18,18 +18,20 @@ import logging
 
 from recipes.args import ServeArgs
 from recipes.client import SidRecClient, render
-from recipes.server import ServerConfig, free_port, start_server
+from recipes.server import ServerConfig, StopRequested, free_port, start_server, stop_on_signals
 from sid_tokenizer.new_items import add_items
 
 logger = logging.getLogger(__name__)
 
 
-def main(args: ServeArgs) -> None:
+def main(args: ServeArgs) -> int:
+    """Exit status: 0 after ``--once`` or a requested stop (SIGTERM/SIGINT/SIGHUP: the whole
+    server process group is stopped first), 1 when the server dies on its own."""
     if args.add_items:
         for row in add_items(args.checkpoint, args.add_items, sid_dir=args.sid_dir):
             logger.info("added %s %s: %s", row["raw_id"], row["sid"], row["title"])
         if args.add_only:
-            return
+            return 0
     config = ServerConfig(
         checkpoint=args.checkpoint,
         host=args.host,
@@ -44,28 +46,37 @@ def main(args: ServeArgs) -> None:
         reload_seconds=args.reload_seconds,
         extra_args=args.extra_server_args,
     )
-    with start_server(config, args.log_file, timeout=args.startup_timeout) as server:
-        if args.once is None:
-            logger.info("serving %s at %s (Ctrl-C stops)", args.checkpoint, server.base_url)
-            try:
-                server.process.wait()
-            except KeyboardInterrupt:
-                pass
-            return
-        client = SidRecClient(server.base_url, args.checkpoint)
-        (recs,) = client.chat(
-            args.once,
-            count=args.num_recommendations,
-            items=args.sid_items,
-            category=args.sid_category,
-            temperature=args.temperature,
-        )
-        print(f"Q: {args.once}\nRecommendations:\n{render(recs)}", flush=True)
+    try:
+        with stop_on_signals(), start_server(config, args.log_file, timeout=args.startup_timeout) as server:
+            if args.once is None:
+                logger.info("serving %s at %s (SIGTERM / Ctrl-C stops)", args.checkpoint, server.base_url)
+                code = server.wait()
+                logger.error(
+                    "the server exited by itself (status %s); log %s:\n%s",
+                    code,
+                    server.log_path,
+                    server.log_tail(2000),
+                )
+                return 1
+            client = SidRecClient(server.base_url, args.checkpoint)
+            (recs,) = client.chat(
+                args.once,
+                count=args.num_recommendations,
+                items=args.sid_items,
+                category=args.sid_category,
+                temperature=args.temperature,
+            )
+            print(f"Q: {args.once}\nRecommendations:\n{render(recs)}", flush=True)
+    except StopRequested as e:
+        logger.info("%s: server stopped", e)
+    return 0
 
 
 if __name__ == "__main__":
+    import sys
+
     from trl import TrlParser
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (serve_args,) = TrlParser((ServeArgs,)).parse_args_and_config()
-    main(serve_args)
+    sys.exit(main(serve_args))
