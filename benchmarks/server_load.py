@@ -9,12 +9,16 @@ queues most of the burst), then fires every request at once (asyncio tasks relea
 one ``httpx.AsyncClient`` with a connection per request) and waits at most ``--timeout`` seconds;
 ``--bursts`` such bursts one after another.
 The mix (``make_requests``, seeded): chat prompts with SID histories, chat prompts with item
-titles, raw seq2seq completions (``<|rec|>`` + SIDs); ``sid_count`` 1-3, ``n`` 1-2, greedy and
-sampling, per-request item (``sid_items``) and category (``sid_category``) filters.
+titles, raw seq2seq completions (``<|rec|>`` + SIDs), ranking requests (``POST /v1/sid/rank``,
+top-5..20 with scores); ``sid_count`` 1-3, ``n`` 1-2, greedy and sampling, per-request item
+(``sid_items``) and category (``sid_category``) filters, blocklists (``sid_exclude``) and
+``sid_exclude_seen``.
 
 Each answer is checked (``check_answer``): HTTP 200, ``n`` choices, each choice's text is
 exactly ``sid_count`` distinct catalogue SIDs (nothing else) with ``finish_reason == "stop"``,
-and the filter holds. Reported: latency p50/p90/p99/max (request sent -> full JSON answer),
+and the filter holds (no item outside ``sid_items``/``sid_category``, none blocklisted, none
+from the prompt with ``sid_exclude_seen``); a ranking answer has ``k`` distinct catalogue SIDs,
+best first, inside its filter. Reported: latency p50/p90/p99/max (request sent -> full JSON answer),
 throughput (answered requests / wall time of the burst), invalid answers, errors (non-200,
 timeouts, connection errors), and whether the server is still alive and ``/health`` is 200.
 Writes ``docs/results/server_load.{json,md}`` (``--out``).
@@ -39,7 +43,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import describe_machine, machine_info  # noqa: E402
-from recipes.client import CatalogueView, sid_xargs  # noqa: E402
+from recipes.client import CatalogueView, sid_filter, sid_xargs  # noqa: E402
 from recipes.server import ServerConfig, free_port, start_server  # noqa: E402
 
 DEFAULT_CHECKPOINT = ROOT / "outputs" / "demo" / "sft" / "final"
@@ -57,9 +61,9 @@ def make_requests(view: CatalogueView, n: int, seed: int = 0) -> list[dict[str, 
     categories = [c for c, k in per_cat.most_common() if k >= 10][1:40] or [None]  # skip the root category
     specs = []
     for i in range(n):
-        kind = ("chat_sids", "chat_title", "completion")[i % 3]
+        kind = ("chat_sids", "chat_title", "completion", "rank")[i % 4]
         count = 1 + rng.randrange(3)
-        sampling = rng.random() < 0.5
+        sampling = rng.random() < 0.5 and kind != "rank"
         choices = 2 if sampling and rng.random() < 0.4 else 1
         items = category = None
         r = rng.random()
@@ -68,11 +72,27 @@ def make_requests(view: CatalogueView, n: int, seed: int = 0) -> list[dict[str, 
         elif r < 0.35:
             category = rng.choice(categories)
         history = [rng.randrange(num_items) for _ in range(1 + rng.randrange(5))]
+        exclude = None
+        if rng.random() < 0.25:  # a blocklist: some of the allowed items, or random ones
+            pool = items[:3] if items else [cat.raw_ids[j] for j in rng.sample(range(num_items), 3)]
+            exclude = pool[: 1 + rng.randrange(len(pool))]
+        exclude_seen = kind in ("chat_sids", "completion", "rank") and items is None and rng.random() < 0.25
+        if items is not None:
+            count = min(count, 2)  # 6 allowed items, up to 3 blocked (distinct SIDs stay >= count)
+        seen = [cat.raw_ids[j] for j in history] if exclude_seen else []
+        spec = {"kind": kind, "count": count, "items": items, "category": category,
+                "exclude": list(exclude or []) + seen, "n": choices, "temperature": 1.0 if sampling else 0.0}  # fmt: skip
+        if kind == "rank":
+            k = 5 + rng.randrange(16)
+            body = {"history": [cat.raw_ids[j] for j in history], "k": k}
+            body.update(sid_filter(items, category, exclude, exclude_seen))
+            specs.append({**spec, "path": "/sid/rank", "body": body, "k": k})
+            continue
         body: dict[str, Any] = {
             "max_tokens": count * L + 1,
             "n": choices,
             "temperature": 1.0 if sampling else 0.0,
-            "vllm_xargs": sid_xargs(count, items, category),
+            "vllm_xargs": sid_xargs(count, items, category, exclude, exclude_seen),
         }
         if sampling:
             body["seed"] = i
@@ -93,14 +113,50 @@ def make_requests(view: CatalogueView, n: int, seed: int = 0) -> list[dict[str, 
                 title = cat.titles[history[-1]][:80]
                 text = f'I liked "{title}". Suggest something.'
             body["messages"] = [{"role": "user", "content": text}]
-        specs.append(
-            {"kind": kind, "path": path, "body": body, "count": count, "items": items, "category": category}
-        )
+        specs.append({**spec, "path": path, "body": body})
     return specs
+
+
+def _outside_filter(cat, spec: dict, sid: str, item_ids: list[int], raw_ids: list[str]) -> str | None:
+    if not item_ids:
+        return f"{sid} is not a catalogue item"
+    if spec["items"] is not None and not set(raw_ids) & set(spec["items"]):
+        return f"{sid} ({raw_ids}) is outside sid_items"
+    if spec["category"] is not None and not any(
+        spec["category"] in {str(x).strip().lower() for x in cat.categories[i]} for i in item_ids
+    ):
+        return f"{sid} is outside category {spec['category']!r}"
+    if spec["exclude"] and set(raw_ids) <= set(spec["exclude"]):
+        return f"{sid} ({raw_ids}) is excluded (sid_exclude / sid_exclude_seen)"
+    return None
+
+
+def check_rank_answer(view: CatalogueView, spec: dict, payload: dict) -> list[str]:
+    cat = view.catalogue
+    items = payload.get("items") or []
+    problems = []
+    if len(items) != spec["k"] and spec["items"] is None and spec["category"] is None:
+        problems.append(f"{len(items)} ranked items, asked for {spec['k']}")
+    if len({it["sid"] for it in items}) != len(items):
+        problems.append("repeated SIDs in a ranking")
+    scores = [it["score"] for it in items]
+    if any(a < b for a, b in zip(scores, scores[1:], strict=False)):
+        problems.append(f"scores not best first: {scores}")
+    for it in items:
+        recs = view.parse(it["sid"])
+        if len(recs) != 1:
+            problems.append(f"{it['sid']!r} is not one SID")
+            continue
+        problem = _outside_filter(cat, spec, it["sid"], recs[0].item_ids, it["raw_ids"])
+        if problem:
+            problems.append(problem)
+    return problems
 
 
 def check_answer(view: CatalogueView, spec: dict, payload: dict) -> list[str]:
     """Problems with one 200 answer (empty list: valid)."""
+    if spec["kind"] == "rank":
+        return check_rank_answer(view, spec, payload)
     cat = view.catalogue
     problems = []
     choices = payload.get("choices") or []
@@ -119,14 +175,9 @@ def check_answer(view: CatalogueView, spec: dict, payload: dict) -> list[str]:
         if c.get("finish_reason") != "stop":
             problems.append(f"finish_reason {c.get('finish_reason')!r}")
         for r in recs:
-            if not r.valid:
-                problems.append(f"{r.sid} is not a catalogue item")
-            elif spec["items"] is not None and not set(r.raw_ids) & set(spec["items"]):
-                problems.append(f"{r.sid} ({r.raw_ids}) is outside sid_items")
-            elif spec["category"] is not None and not any(
-                spec["category"] in {str(x).strip().lower() for x in cat.categories[i]} for i in r.item_ids
-            ):
-                problems.append(f"{r.sid} is outside category {spec['category']!r}")
+            problem = _outside_filter(cat, spec, r.sid, r.item_ids, r.raw_ids)
+            if problem:
+                problems.append(problem)
     return problems
 
 
@@ -209,7 +260,7 @@ def run_load(
         len(view.parse(c.get("text") or (c.get("message") or {}).get("content") or ""))
         for r in ok
         for c in r["payload"].get("choices", [])
-    )
+    ) + sum(len(r["payload"].get("items", [])) for r in ok)
     return {
         "requests": n,
         "answered_200": len(ok),
@@ -232,11 +283,12 @@ def run_load(
         "mix": {
             "kinds": dict(Counter(s["kind"] for s in specs)),
             "sid_count": dict(Counter(str(s["count"]) for s in specs)),
-            "n>1": sum(s["body"]["n"] > 1 for s in specs),
-            "sampling": sum(s["body"]["temperature"] > 0 for s in specs),
-            "greedy": sum(s["body"]["temperature"] == 0 for s in specs),
+            "n>1": sum(s["n"] > 1 for s in specs),
+            "sampling": sum(s["temperature"] > 0 for s in specs),
+            "greedy": sum(s["temperature"] == 0 for s in specs),
             "sid_items_filter": sum(s["items"] is not None for s in specs),
             "sid_category_filter": sum(s["category"] is not None for s in specs),
+            "exclusions": sum(bool(s["exclude"]) for s in specs),
         },
         "invalid_examples": invalid[:10],
         "error_examples": errors[:10],
@@ -278,7 +330,7 @@ def write_report(result: dict, out: Path) -> None:
         f"Mix (burst 1, seed {result['seed']}; later bursts seed+1, ...): {mix['kinds']}; sid_count "
         f"{mix['sid_count']}; {mix['sampling']} sampling (T=1) / {mix['greedy']} greedy, {mix['n>1']} "
         f"with n=2; {mix['sid_items_filter']} with an item filter, {mix['sid_category_filter']} with a "
-        "category filter.",
+        f"category filter, {mix.get('exclusions', 0)} with exclusions (sid_exclude / sid_exclude_seen).",
         "",
         "| burst | requests | 200 OK | invalid | errors | items returned | wall s | req/s | p50 s | p90 s | p99 s | max s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -298,8 +350,9 @@ def write_report(result: dict, out: Path) -> None:
         "Latency: request sent -> full JSON answer, so it includes queueing behind the burst "
         f"(max_num_seqs {cfg.get('max_num_seqs', '?')} decode at a time). req/s: 200-OK answers / wall time "
         "of the burst. Invalid: a 200 answer with a wrong number of choices, text that is not exactly "
-        "`sid_count` distinct catalogue SIDs then `finish_reason: stop`, or an item outside the "
-        "request's filter. Errors: non-200 answers, timeouts, connection errors.",
+        "`sid_count` distinct catalogue SIDs then `finish_reason: stop`, a ranking that is not `k` "
+        "distinct SIDs best first, or an item outside the request's filter (allow-list, category, "
+        "blocklist, seen items). Errors: non-200 answers, timeouts, connection errors.",
     ]
     examples = [e for r in bursts for e in r["invalid_examples"] + r["error_examples"]]
     if examples:

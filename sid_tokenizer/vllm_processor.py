@@ -826,7 +826,7 @@ def constrained_option_problem(
     stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []
     alphabet = _sid_alphabet(cat)
     for st in stops:
-        if isinstance(st, str) and st and set(st) <= alphabet | set(" \t\n\r"):
+        if isinstance(st, str) and st and set(st) <= alphabet:  # SIDs decode without whitespace
             return f"stop string {st!r} can occur inside a SID and would cut it; {why}", "stop"
     ids = body.get("stop_token_ids")
     if isinstance(ids, list) and masker is not None:
