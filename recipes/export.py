@@ -21,5 +21,7 @@ if __name__ == "__main__":
     from trl import TrlParser
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("httpx", "httpx2"):  # one INFO line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
     (export_args,) = TrlParser((ExportArgs,)).parse_args_and_config()
     run_export(export_args)
