@@ -199,6 +199,8 @@ class SidRecClient:
         category: str | None = None,
         temperature: float = 0.0,
         seed: int | None = None,
+        exclude: Sequence[str] | str | None = None,
+        exclude_seen: bool = False,
     ) -> list[list[Recommendation]]:
         """One list of ``count`` distinct recommendations per returned choice (``n`` choices).
 
@@ -213,7 +215,7 @@ class SidRecClient:
             temperature=temperature,
             seed=seed,
             max_tokens=self._max_tokens(count),
-            extra_body={"vllm_xargs": sid_xargs(count, items, category)},
+            extra_body={"vllm_xargs": sid_xargs(count, items, category, exclude, exclude_seen)},
         )
         return [self.view.parse(c.message.content or "") for c in resp.choices]
 
@@ -227,6 +229,8 @@ class SidRecClient:
         temperature: float = 0.0,
         max_history: int = 20,
         seed: int | None = None,
+        exclude: Sequence[str] | str | None = None,
+        exclude_seen: bool = False,
     ) -> list[list[Recommendation]]:
         """Next items after a history of raw item ids, with the raw seq2seq prompt (``<|rec|>`` + SIDs)."""
         prompt = sid_sequence_prompt([self.view.sid_of(str(r)) for r in list(history)[-max_history:]])
@@ -237,7 +241,7 @@ class SidRecClient:
             temperature=temperature,
             seed=seed,
             max_tokens=self._max_tokens(count),
-            extra_body={"vllm_xargs": sid_xargs(count, items, category)},
+            extra_body={"vllm_xargs": sid_xargs(count, items, category, exclude, exclude_seen)},
         )
         return [self.view.parse(c.text or "") for c in resp.choices]
 
