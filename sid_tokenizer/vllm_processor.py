@@ -575,6 +575,21 @@ def frontend_masker() -> SidMasker | None:
     return masker
 
 
+def request_banned_codes(
+    catalogue: ServingCatalogue, masker: SidMasker, req: SidRequest, prompt_ids: Sequence[int] | None
+) -> np.ndarray | None:
+    """(n, L) SIDs a request must not produce (``sid_exclude``, and with ``sid_exclude_seen`` the
+    complete SIDs in its prompt, minus a ``sid_prefix_len`` tail); None if none. Shared by the
+    V1 processor and any other engine integration that masks with ``SidMasker.allowed``."""
+    if not req.constrained or not (req.exclude or req.exclude_seen):
+        return None
+    context = list(prompt_ids or [])
+    if req.prefix_len:
+        context = context[: len(context) - req.prefix_len]
+    seen = masker.sids_in_tokens(context) if req.exclude_seen else None
+    return catalogue.banned_codes(req, seen)
+
+
 # ----------------------------------------------------------------------------- the processor
 @dataclass
 class _Row:
@@ -629,13 +644,7 @@ class SidTrieLogitsProcessor(LogitsProcessor):
         end_ids = set(getattr(params, "all_stop_token_ids", None) or ())
         if self.eos_token_id is not None:
             end_ids.add(self.eos_token_id)
-        banned = None
-        if req.constrained and (req.exclude or req.exclude_seen):
-            context = list(prompt_ids or [])
-            if req.prefix_len:
-                context = context[: len(context) - req.prefix_len]
-            seen = self.masker.sids_in_tokens(context) if req.exclude_seen else None
-            banned = self.catalogue.banned_codes(req, seen)
+        banned = request_banned_codes(self.catalogue, self.masker, req, prompt_ids)
         return _Row(req, tail, output_ids, sorted(end_ids), banned)
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:

@@ -251,6 +251,15 @@ async def handle_rank(request, body: Any):
     engine = getattr(request.app.state, "engine_client", None)
     if engine is None:
         return _bad_request("this server has no engine to rank with", None)
+    model = body.get("model") if isinstance(body, dict) else None
+    args = getattr(request.app.state, "args", None)
+    names = (getattr(args, "served_model_name", None) or [getattr(args, "model", None)]) if args else []
+    if model is not None and names and model not in names:
+        return JSONResponse(
+            status_code=404,
+            content={"error": {"message": f"The model `{model}` does not exist.", "type": "NotFoundError",
+                               "param": "model", "code": 404}},
+        )  # fmt: skip
     try:
         query = parse_rank_body(body, catalogue, masker.tokenizer)
         problem = prompt_problems(query.prompt_ids, catalogue, masker)

@@ -259,6 +259,8 @@ def test_bad_requests_get_400_from_the_real_server(served, offline):
                  {"k": 5, "prompt": "x", "beams": 3}):  # fmt: skip
         with pytest.raises(openai.BadRequestError):
             client.rank_raw(body)
+    r = httpx.post(url + "/sid/rank", json={"model": "no-such-model", "prompt": "x"}, timeout=60)
+    assert r.status_code == 404, r.text
     # the server still answers afterwards, with valid constrained output
     (recs,) = client.chat("Recommend something.", count=2)
     assert len(recs) == 2 and all(r.valid for r in recs)
