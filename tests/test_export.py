@@ -103,3 +103,17 @@ def test_export_refuses_to_mix_settings_and_rejects_bad_user_files(tmp_path):
         )
     with pytest.raises(ValueError, match="formats"):
         export(args_for(tmp_path, "f", formats=["csv"]), fake_rank)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((Path(__file__).resolve().parents[1] / "recipes" / "configs").glob("export_*.yaml")),
+    ids=str,
+)
+def test_export_configs_parse(path):
+    from trl import TrlParser
+
+    (args,) = TrlParser((ExportArgs,)).parse_args_and_config(["--config", str(path)])
+    assert (
+        args.k >= 1 and args.split in ("valid", "test", "full") and set(args.formats) <= {"jsonl", "parquet"}
+    )
