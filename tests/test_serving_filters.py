@@ -192,7 +192,14 @@ def test_guard_rejects_options_that_break_a_constrained_chat(mini_ckpt, monkeypa
 def test_guard_accepts_harmless_options_and_checks_token_prompts(mini_ckpt, monkeypatch):
     monkeypatch.setenv(ENV_CHECKPOINT, str(mini_ckpt))
     ok = [
-        {**CHAT, "vllm_xargs": ON, "stop": ["\nUser:", "\n"], "logprobs": True, "top_logprobs": 0, "max_tokens": 4},
+        {
+            **CHAT,
+            "vllm_xargs": ON,
+            "stop": ["\nUser:", "\n"],
+            "logprobs": True,
+            "top_logprobs": 0,
+            "max_tokens": 4,
+        },
         {
             **CHAT,
             "vllm_xargs": ON,
