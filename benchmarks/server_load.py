@@ -126,7 +126,7 @@ def _outside_filter(cat, spec: dict, sid: str, item_ids: list[int], raw_ids: lis
         spec["category"] in {str(x).strip().lower() for x in cat.categories[i]} for i in item_ids
     ):
         return f"{sid} is outside category {spec['category']!r}"
-    if spec["exclude"] and set(raw_ids) <= set(spec["exclude"]):
+    if spec.get("exclude") and set(raw_ids) <= set(spec["exclude"]):
         return f"{sid} ({raw_ids}) is excluded (sid_exclude / sid_exclude_seen)"
     return None
 
@@ -155,7 +155,7 @@ def check_rank_answer(view: CatalogueView, spec: dict, payload: dict) -> list[st
 
 def check_answer(view: CatalogueView, spec: dict, payload: dict) -> list[str]:
     """Problems with one 200 answer (empty list: valid)."""
-    if spec["kind"] == "rank":
+    if spec.get("kind") == "rank":
         return check_rank_answer(view, spec, payload)
     cat = view.catalogue
     problems = []
