@@ -232,3 +232,24 @@ def test_guard_accepts_harmless_options_and_checks_token_prompts(mini_ckpt, monk
     status, text = guard_call(b"", "/v1/sid/info", method="GET")
     info = json.loads(text)
     assert status == 200 and info["items"] == len(CODES) and info["active_items"] == len(CODES)
+
+
+def test_load_checker_flags_bad_rankings(mini_ckpt):
+    """benchmarks/server_load.py's check of /v1/sid/rank answers is not vacuous."""
+    from recipes.client import CatalogueView
+    from tests.test_server import _load_module
+
+    load = _load_module()
+    view = CatalogueView(mini_ckpt)
+    sid = view.catalogue.index.sid
+
+    def ans(*pairs):
+        return {"items": [{"sid": sid(i), "score": s, "raw_ids": [f"P{i:02d}"]} for i, s in pairs]}
+
+    spec = {"kind": "rank", "k": 2, "items": None, "category": None, "exclude": ["P05"]}
+    assert load.check_answer(view, spec, ans((0, -1.0), (1, -2.0))) == []
+    assert load.check_answer(view, spec, ans((0, -2.0), (1, -1.0)))  # not best first
+    assert load.check_answer(view, spec, ans((0, -1.0), (0, -2.0)))  # repeated SID
+    assert load.check_answer(view, spec, ans((0, -1.0)))  # fewer than k without a filter
+    assert load.check_answer(view, spec, ans((0, -1.0), (5, -2.0)))  # a blocklisted item
+    assert load.check_answer(view, {**spec, "items": ["P00", "P02"]}, ans((0, -1.0), (1, -2.0)))  # outside
