@@ -100,6 +100,42 @@ def test_handle_ends_the_processes_a_killed_server_leaves(tmp_path):
     assert not group_alive(fake.pid) and not os.path.exists(f"/proc/{fake.child_pid}")
 
 
+def test_server_gets_sigterm_when_its_launcher_is_killed(tmp_path):
+    """``launch`` starts the server with PR_SET_PDEATHSIG: kill -9 of the launching process
+    (e.g. ``recipes/serve.py``) still ends the server, here a stand-in that records SIGTERM."""
+    mark = tmp_path / "got_sigterm"
+    child = (
+        "import signal, sys, time, pathlib\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (pathlib.Path({str(mark)!r}).write_text('x'), sys.exit(0)))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    launcher = (
+        "import subprocess, sys, time\n"
+        "from recipes.server import _die_with_parent\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE, text=True,\n"
+        "                     start_new_session=True, preexec_fn=_die_with_parent)\n"
+        "p.stdout.readline()\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", launcher], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    server_pid = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while not mark.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert mark.exists(), "the server did not get SIGTERM when its launcher died"
+    deadline = time.monotonic() + 10
+    while group_alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not group_alive(server_pid)
+
+
 @pytest.mark.slow
 def test_sigterm_to_serve_py_stops_the_whole_server(tiny_sft, tmp_path):
     from recipes.server import free_port
