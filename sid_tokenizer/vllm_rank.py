@@ -267,7 +267,14 @@ async def handle_rank(request, body: Any):
             return _bad_request(problem, "prompt")
         banned = catalogue.banned_codes(query.req, masker.sids_in_tokens(query.prompt_ids))
         catalogue.check(query.req, banned)
-    except ValueError as e:
+        config = getattr(request.app.state, "vllm_config", None)
+        max_len = getattr(getattr(config, "model_config", None), "max_model_len", None)
+        if max_len is not None and len(query.prompt_ids) + masker.num_levels > max_len:
+            raise ValueError(
+                f"the prompt has {len(query.prompt_ids)} tokens; with a SID of {masker.num_levels} tokens "
+                f"that exceeds the model's maximum context length {max_len}"
+            )
+        ranked = await constrained_beam_search(engine, masker, query.prompt_ids, query.k, query.req, banned)
+    except ValueError as e:  # our checks, and the engine's own input validation
         return _bad_request(str(e), None)
-    ranked = await constrained_beam_search(engine, masker, query.prompt_ids, query.k, query.req, banned)
     return JSONResponse(ranking_json(catalogue, ranked, query.k, query.req))

@@ -261,6 +261,10 @@ def test_bad_requests_get_400_from_the_real_server(served, offline):
             client.rank_raw(body)
     r = httpx.post(url + "/sid/rank", json={"model": "no-such-model", "prompt": "x"}, timeout=60)
     assert r.status_code == 404, r.text
+    word = offline.tok("tools", add_special_tokens=False)["input_ids"][0]
+    long = {"prompt": [word] * 1023, "k": 3}  # room for less than one SID
+    r = httpx.post(url + "/sid/rank", json=long, timeout=60)
+    assert r.status_code == 400 and "maximum context length" in r.text, r.text
     # the server still answers afterwards, with valid constrained output
     (recs,) = client.chat("Recommend something.", count=2)
     assert len(recs) == 2 and all(r.valid for r in recs)
