@@ -915,8 +915,10 @@ async def sid_prompt_guard(request, call_next):
     if request.method == "GET" and path.endswith(INFO_ROUTE):
         return _info()
     is_rank = request.method == "POST" and path.endswith(RANK_ROUTE)
-    if not is_rank and (request.method != "POST" or not path.endswith(("/chat/completions", "/completions"))):
+    if request.method != "POST":
         return await call_next(request)
+    if not is_rank and not path.endswith(("/chat/completions", "/completions")):
+        return await _other_route(request, call_next)
     cat = frontend_catalogue()
     if cat is None:
         if is_rank:
@@ -974,6 +976,39 @@ async def sid_prompt_guard(request, call_next):
             problem = prompt_problems(ids, cat, masker, partial)
             if problem:
                 return _bad_request(problem, "prompt")
+    return await call_next(request)
+
+
+GUARDED_ROUTES = ("/v1/chat/completions", "/v1/completions", RANK_ROUTE)
+
+
+async def _other_route(request, call_next):
+    """vLLM's other generation routes (``/v1/responses``, ``/v1/messages``, ``/invocations``,
+    ``/v1/chat/completions/batch``, ``/inference/v1/generate``, ...) also pass ``vllm_xargs`` /
+    ``extra_args`` to the engine, but without the checks above: a request there that switches the
+    SID processor on is refused (400) instead of reaching it unchecked."""
+    if "json" not in request.headers.get("content-type", "json"):
+        return await call_next(request)
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except (ValueError, RecursionError):
+        return await call_next(request)
+    if not isinstance(body, dict):
+        return await call_next(request)
+    sp = body.get("sampling_params") if isinstance(body.get("sampling_params"), dict) else {}
+    found = [
+        k
+        for xargs in (body.get("vllm_xargs"), sp.get("extra_args"))
+        if isinstance(xargs, dict)
+        for k in xargs
+        if str(k).lower().startswith("sid")
+    ]
+    if found and frontend_catalogue() is not None:
+        return _bad_request(
+            f"the SID processor arguments {sorted(found)[:5]} are served on {', '.join(GUARDED_ROUTES)} only "
+            f"(this route, {request.url.path}, does not run the checks a constrained request needs)",
+            "vllm_xargs",
+        )
     return await call_next(request)
 
 

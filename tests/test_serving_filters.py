@@ -253,3 +253,15 @@ def test_load_checker_flags_bad_rankings(mini_ckpt):
     assert load.check_answer(view, spec, ans((0, -1.0)))  # fewer than k without a filter
     assert load.check_answer(view, spec, ans((0, -1.0), (5, -2.0)))  # a blocklisted item
     assert load.check_answer(view, {**spec, "items": ["P00", "P02"]}, ans((0, -1.0), (1, -2.0)))  # outside
+
+
+def test_guard_refuses_the_constraint_on_unguarded_generation_routes(mini_ckpt, monkeypatch):
+    """/v1/responses, /v1/messages, /invocations, ... pass vllm_xargs to the engine too."""
+    monkeypatch.setenv(ENV_CHECKPOINT, str(mini_ckpt))
+    for path in ("/v1/responses", "/v1/messages", "/invocations", "/v1/chat/completions/batch"):
+        status, text = guard_call({"input": "hi", "vllm_xargs": {"sid_constrained": 1}}, path)
+        assert status == 400 and "served on /v1/chat/completions" in text, (path, text)
+        assert guard_call({"input": "hi"}, path)[0] == 299  # no SID arguments: vLLM's business
+    body = {"prompt": "x", "sampling_params": {"extra_args": {"SID_constrained": 1}}}
+    assert guard_call(body, "/inference/v1/generate")[0] == 400
+    assert guard_call(b"not json", "/v1/responses")[0] == 299
