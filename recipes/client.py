@@ -100,10 +100,14 @@ def sid_xargs(
     category: str | None = None,
     exclude: Sequence[str] | str | None = None,
     exclude_seen: bool = False,
+    ranked: bool = False,
 ) -> dict[str, Any]:
-    """The ``vllm_xargs`` that switch the SID constraint on (with the request's filter)."""
+    """The ``vllm_xargs`` that switch the SID constraint on (with the request's filter);
+    ``ranked``: the answer is the constrained beam-search top-``count`` (``sid_rank``)."""
     xargs: dict[str, Any] = {"sid_constrained": 1, "sid_count": count}
     xargs.update(sid_filter(items, category, exclude, exclude_seen))
+    if ranked:
+        xargs["sid_rank"] = 1
     return xargs
 
 
@@ -201,6 +205,7 @@ class SidRecClient:
         seed: int | None = None,
         exclude: Sequence[str] | str | None = None,
         exclude_seen: bool = False,
+        ranked: bool = False,
     ) -> list[list[Recommendation]]:
         """One list of ``count`` distinct recommendations per returned choice (``n`` choices).
 
@@ -215,7 +220,7 @@ class SidRecClient:
             temperature=temperature,
             seed=seed,
             max_tokens=self._max_tokens(count),
-            extra_body={"vllm_xargs": sid_xargs(count, items, category, exclude, exclude_seen)},
+            extra_body={"vllm_xargs": sid_xargs(count, items, category, exclude, exclude_seen, ranked)},
         )
         return [self.view.parse(c.message.content or "") for c in resp.choices]
 
@@ -231,6 +236,7 @@ class SidRecClient:
         seed: int | None = None,
         exclude: Sequence[str] | str | None = None,
         exclude_seen: bool = False,
+        ranked: bool = False,
     ) -> list[list[Recommendation]]:
         """Next items after a history of raw item ids, with the raw seq2seq prompt (``<|rec|>`` + SIDs)."""
         prompt = sid_sequence_prompt([self.view.sid_of(str(r)) for r in list(history)[-max_history:]])
@@ -241,7 +247,7 @@ class SidRecClient:
             temperature=temperature,
             seed=seed,
             max_tokens=self._max_tokens(count),
-            extra_body={"vllm_xargs": sid_xargs(count, items, category, exclude, exclude_seen)},
+            extra_body={"vllm_xargs": sid_xargs(count, items, category, exclude, exclude_seen, ranked)},
         )
         return [self.view.parse(c.text or "") for c in resp.choices]
 

@@ -68,6 +68,7 @@ SID_ARGS = (
     "sid_logprobs",
     "sid_exclude",
     "sid_exclude_seen",
+    "sid_rank",
 )
 MAX_SID_COUNT = 100
 _SUBTRIE_CACHE_SIZE = 256
@@ -86,6 +87,7 @@ class SidRequest:
     logprobs: bool = False
     exclude: tuple[str, ...] | None = None  # raw item ids never to produce (blocklist)
     exclude_seen: bool = False  # never produce a SID the prompt already mentions
+    rank: bool = False  # answer with the constrained beam-search top-sid_count (sid_prompt_guard)
 
     @property
     def filter_key(self) -> tuple:
@@ -158,6 +160,7 @@ def parse_sid_args(extra_args: dict[str, Any] | None) -> SidRequest | None:
     if exclude is not None:
         exclude = _id_list("sid_exclude", exclude, allow_empty=True) or None
     exclude_seen = _flag("sid_exclude_seen", extra_args.get("sid_exclude_seen", 0))
+    rank = _flag("sid_rank", extra_args.get("sid_rank", 0))
     category = extra_args.get("sid_category")
     if category is not None and (not isinstance(category, str) or not category.strip()):
         raise ValueError(f"vllm_xargs.sid_category must be a non-empty string, got {category!r}")
@@ -170,11 +173,14 @@ def parse_sid_args(extra_args: dict[str, Any] | None) -> SidRequest | None:
         or prefix_len
         or exclude is not None
         or exclude_seen
+        or rank
     ):
         raise ValueError(
             "vllm_xargs sid_items / sid_category / sid_count / sid_prefix_len / sid_exclude / "
-            "sid_exclude_seen need sid_constrained=1"
+            "sid_exclude_seen / sid_rank need sid_constrained=1"
         )
+    if rank and prefix_len:
+        raise ValueError("vllm_xargs.sid_rank ranks whole SIDs: sid_prefix_len must be 0")
     if not constrained and not logprobs:
         return None
     return SidRequest(
@@ -186,6 +192,7 @@ def parse_sid_args(extra_args: dict[str, Any] | None) -> SidRequest | None:
         logprobs,
         exclude,
         exclude_seen,
+        rank,
     )
 
 
@@ -976,6 +983,10 @@ async def sid_prompt_guard(request, call_next):
             problem = prompt_problems(ids, cat, masker, partial)
             if problem:
                 return _bad_request(problem, "prompt")
+    if req is not None and req.rank:
+        from sid_tokenizer.vllm_rank import handle_openai_rank
+
+        return await handle_openai_rank(request, body, req, "messages" in body)
     return await call_next(request)
 
 

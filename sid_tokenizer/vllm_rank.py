@@ -277,4 +277,67 @@ async def handle_rank(request, body: Any):
         ranked = await constrained_beam_search(engine, masker, query.prompt_ids, query.k, query.req, banned)
     except ValueError as e:  # our checks, and the engine's own input validation
         return _bad_request(str(e), None)
-    return JSONResponse(ranking_json(catalogue, ranked, query.k, query.req))
+    return JSONResponse(
+        {**ranking_json(catalogue, ranked, query.k, query.req), "prompt_tokens": len(query.prompt_ids)}
+    )
+
+
+async def handle_openai_rank(request, body: dict, req: SidRequest, chat: bool):
+    """``vllm_xargs: {sid_constrained: 1, sid_rank: 1, sid_count: K}`` on ``/v1/chat/completions``
+    or ``/v1/completions`` (called by ``sid_prompt_guard`` after its checks): the answer of an
+    OpenAI request whose one choice is the constrained beam-search top-K, best first (the list
+    ``/v1/sid/rank`` returns), plus ``sid_ranking`` with each SID's score and items. Sampling
+    options do not apply (the ranking is deterministic); ``n`` > 1 and ``stream`` are refused."""
+    import time as _time
+
+    from starlette.responses import JSONResponse
+
+    from sid_tokenizer.vllm_processor import _bad_request, _truthy
+
+    if _truthy(body.get("stream")):
+        return _bad_request("vllm_xargs.sid_rank answers in one piece: stream must be false", "stream")
+    if body.get("n") not in (None, 1):
+        return _bad_request("vllm_xargs.sid_rank returns one ranked list: n must be 1", "n")
+    rank_body: dict[str, Any] = {"k": req.count, "model": body.get("model")}
+    for key, value in (
+        ("sid_items", req.items),
+        ("sid_category", req.category),
+        ("sid_exclude", req.exclude),
+    ):
+        if value is not None:
+            rank_body[key] = list(value) if isinstance(value, tuple) else value
+    if req.exclude_seen:
+        rank_body["sid_exclude_seen"] = 1
+    if chat:
+        rank_body["messages"] = body.get("messages")
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int):
+            prompt = prompt[0]  # one prompt in a list
+        rank_body["prompt"] = prompt
+    resp = await handle_rank(request, rank_body)
+    if resp.status_code != 200:
+        return resp
+    import json as _json
+
+    ranking = _json.loads(resp.body)
+    text = "".join(it["sid"] for it in ranking["items"])
+    catalogue = frontend_catalogue()
+    L = catalogue.num_levels if catalogue is not None else 0
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return JSONResponse(
+        {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-sidrank-{uuid.uuid4().hex}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(_time.time()),
+            "model": body.get("model"),
+            "choices": [choice],
+            "usage": {"prompt_tokens": ranking["prompt_tokens"], "completion_tokens": len(ranking["items"]) * L,
+                      "total_tokens": ranking["prompt_tokens"] + len(ranking["items"]) * L},
+            "sid_ranking": ranking["items"],
+        }
+    )  # fmt: skip

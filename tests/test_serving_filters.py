@@ -44,6 +44,11 @@ def test_unknown_case_and_exclusion_arguments():
     r = parse_sid_args({"sid_constrained": 1, "sid_exclude": "P02, P01", "sid_exclude_seen": "true"})
     assert r.exclude == ("P01", "P02") and r.exclude_seen
     assert parse_sid_args({"sid_constrained": 1, "sid_exclude": ""}).exclude is None
+    assert parse_sid_args({"sid_constrained": 1, "sid_rank": 1, "sid_count": 5}).rank
+    with pytest.raises(ValueError, match="need sid_constrained"):
+        parse_sid_args({"sid_rank": 1})
+    with pytest.raises(ValueError, match="sid_prefix_len must be 0"):
+        parse_sid_args({"sid_constrained": 1, "sid_rank": 1, "sid_prefix_len": 1})
 
 
 def test_sids_in_tokens_finds_whole_sids_only(mini_ckpt):

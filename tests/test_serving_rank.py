@@ -145,6 +145,25 @@ def test_served_topk_equals_offline_ranking_for_completion_and_chat_prompts(serv
     chat_rank = offline.ranker.rank([prompt_text(messages, offline.tok)], num_beams=K, progress=False)
     served_chat = served.client.rank(prompt=messages, k=K)
     assert_same_up_to_ties(served_chat, [vocab.format(s) for s in chat_rank.sids[0]], chat_rank.scores[0])
+    # the same rankings from the OpenAI endpoints (vllm_xargs.sid_rank): one choice, best first
+    (recs,) = served.client.chat(messages, count=K, ranked=True)
+    assert [r.sid for r in recs] == [it.sid for it in served_chat]
+    hist = [raw[i] for i in examples[0].history]
+    (recs,) = served.client.complete(hist, count=K, ranked=True)
+    assert [r.sid for r in recs] == [it.sid for it in served.client.rank(history=hist, k=K)]
+    import httpx
+
+    url = f"http://127.0.0.1:{served.port}/v1/chat/completions"
+    body = {"model": served.client.model, "messages": messages, "max_tokens": 3 * K + 1,
+            "vllm_xargs": {"sid_constrained": 1, "sid_rank": 1, "sid_count": 3}}  # fmt: skip
+    r = httpx.post(url, json=body, timeout=120).json()
+    assert r["object"] == "chat.completion" and r["choices"][0]["finish_reason"] == "stop"
+    assert [it["sid"] for it in r["sid_ranking"]] == [
+        it.sid for it in served.client.rank(prompt=messages, k=3)
+    ]
+    assert r["usage"]["completion_tokens"] == 9 and all("score" in it for it in r["sid_ranking"])
+    for bad in ({"stream": True}, {"n": 2, "temperature": 1.0}):
+        assert httpx.post(url, json={**body, **bad}, timeout=60).status_code == 400
 
 
 def offline_without(offline, history: list[int], k: int, dropped: set[str]):
