@@ -23,6 +23,14 @@ from tests.test_vllm import CODES, LEVELS, add, decode_sids, make_processor, par
 
 mini_ckpt = tv.mini_ckpt  # the synthetic checkpoint fixture (weights-free), shared
 
+
+@pytest.fixture(autouse=True)
+def _catalogue_env(mini_ckpt, monkeypatch):
+    """The processor and the guard find the catalogue through SIDREC_CHECKPOINT; an earlier test
+    (eval.vllm_backend.load_vllm) may have left it pointing at another checkpoint."""
+    monkeypatch.setenv(ENV_CHECKPOINT, str(mini_ckpt))
+
+
 L = len(LEVELS)
 
 
