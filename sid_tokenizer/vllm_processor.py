@@ -675,43 +675,71 @@ class SidTrieLogitsProcessor(LogitsProcessor):
             self.catalogue.refresh()
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """In place: log-probability rows first (``sid_logprobs``), then the trie mask: the
-        allowed (row, token) values are gathered, the constrained rows filled with -inf, and
-        the values scattered back (one pass over those rows, no (B, V) boolean mask)."""
+        """In place: ``sid_logprobs`` rows first, then the trie mask (``mask_logits``)."""
         if not self.rows:
             return logits
         n = logits.shape[0]
         batch = [i for i in sorted(self.rows) if i < n]
         rows = [self.rows[i] for i in batch]
-        device = logits.device
-        lp = [i for i, r in zip(batch, rows, strict=True) if r.req.logprobs]
-        if len(lp) == n:
-            logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
-        elif lp:
-            idx = torch.as_tensor(lp, device=device)
-            part = logits.index_select(0, idx)
-            logits.index_copy_(0, idx, part - torch.logsumexp(part, dim=-1, keepdim=True))
         cons = [k for k, r in enumerate(rows) if r.req.constrained]
-        if not cons:
-            return logits
-        gen = [rows[k].prompt_tail + rows[k].output if rows[k].prompt_tail else rows[k].output for k in cons]
-        banned = [rows[k].banned for k in cons]
-        ar, at, end = self.masker.allowed(
-            [rows[k].req for k in cons], gen, banned if any(b is not None for b in banned) else None
+        return mask_logits(
+            logits,
+            self.masker,
+            logprob_rows=[i for i, r in zip(batch, rows, strict=True) if r.req.logprobs],
+            rows=[batch[k] for k in cons],
+            reqs=[rows[k].req for k in cons],
+            generated=[
+                rows[k].prompt_tail + rows[k].output if rows[k].prompt_tail else rows[k].output for k in cons
+            ],
+            end_ids=[rows[k].end_ids for k in cons],
+            banned=[rows[k].banned for k in cons],
         )
-        global_rows = np.asarray([batch[k] for k in cons], dtype=np.int64)
-        end_ids = [rows[cons[e]].end_ids for e in end.tolist()]
-        end_r = np.repeat(global_rows[end], [len(e) for e in end_ids]) if len(end) else np.zeros(0, np.int64)
-        end_t = np.asarray([t for e in end_ids for t in e], dtype=np.int64)
-        r_idx = torch.from_numpy(np.concatenate([global_rows[ar], end_r])).to(device, non_blocking=True)
-        t_idx = torch.from_numpy(np.concatenate([at, end_t])).to(device, non_blocking=True)
-        kept = logits[r_idx, t_idx]
-        if len(cons) == n:
-            logits.fill_(float("-inf"))
-        else:
-            logits.index_fill_(0, torch.from_numpy(global_rows).to(device), float("-inf"))
-        logits[r_idx, t_idx] = kept
+
+
+def mask_logits(
+    logits: torch.Tensor,
+    masker: SidMasker,
+    logprob_rows: Sequence[int],
+    rows: Sequence[int],
+    reqs: Sequence[SidRequest],
+    generated: Sequence[Sequence[int]],
+    end_ids: Sequence[Sequence[int]],
+    banned: Sequence[np.ndarray | None] | None = None,
+) -> torch.Tensor:
+    """In place on ``logits`` (n, V), shared by the V1 and the Model Runner V2 processors.
+
+    ``logprob_rows`` become ``log_softmax`` rows; then each constrained row ``rows[k]`` (request
+    ``reqs[k]``, SID tokens so far ``generated[k]``, end tokens ``end_ids[k]``, SIDs it excludes
+    ``banned[k]``: ``request_banned_codes``) keeps only the
+    tokens its trie allows (only its end tokens once complete): the allowed (row, token) values
+    are gathered, the constrained rows filled with -inf and the values scattered back (one pass
+    over those rows, no (B, V) boolean mask)."""
+    n = logits.shape[0]
+    device = logits.device
+    if len(logprob_rows) == n:
+        logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+    elif logprob_rows:
+        idx = torch.as_tensor(list(logprob_rows), device=device)
+        part = logits.index_select(0, idx)
+        logits.index_copy_(0, idx, part - torch.logsumexp(part, dim=-1, keepdim=True))
+    if not rows:
         return logits
+    if banned is not None and all(b is None for b in banned):
+        banned = None
+    ar, at, end = masker.allowed(reqs, generated, banned)
+    global_rows = np.asarray(rows, dtype=np.int64)
+    ends = [end_ids[e] for e in end.tolist()]
+    end_r = np.repeat(global_rows[end], [len(e) for e in ends]) if len(end) else np.zeros(0, np.int64)
+    end_t = np.asarray([t for e in ends for t in e], dtype=np.int64)
+    r_idx = torch.from_numpy(np.concatenate([global_rows[ar], end_r])).to(device, non_blocking=True)
+    t_idx = torch.from_numpy(np.concatenate([at, end_t])).to(device, non_blocking=True)
+    kept = logits[r_idx, t_idx]
+    if len(rows) == n:
+        logits.fill_(float("-inf"))
+    else:
+        logits.index_fill_(0, torch.from_numpy(global_rows).to(device), float("-inf"))
+    logits[r_idx, t_idx] = kept
+    return logits
 
 
 # ----------------------------------------------------------------------------- prompt guard
