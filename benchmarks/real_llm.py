@@ -391,7 +391,7 @@ def serve_part(args, base: Path) -> dict:
     """OpenAI server with the SID processor; ``--serve_requests`` constrained requests must all
     come back as catalogue SIDs (count 1..3, some with a category filter)."""
     from recipes.client import SidRecClient
-    from recipes.server import ServerConfig, free_port, start_server
+    from recipes.server import PROCESSOR_V2, ServerConfig, free_port, start_server
     from sid_tokenizer.catalog import Catalogue
 
     cuda = args.device == "cuda"
@@ -405,7 +405,7 @@ def serve_part(args, base: Path) -> dict:
         gpu_memory_utilization=0.5 if cuda else None,
     )
     if cuda:
-        cfg.logits_processor = "sid_tokenizer.vllm_processor_v2:SidTrieLogitsProcessorV2"
+        cfg.logits_processor = PROCESSOR_V2
         cfg.env["VLLM_USE_V2_MODEL_RUNNER"] = "1"
     cat = Catalogue.load(base)
     rng = random.Random(0)

@@ -24,6 +24,10 @@ class SidSFTArgs:
         metadata={"help": "train on the validation targets too (final model for test; select steps first)"},
     )
     sid_embedding_init: str = field(default="mean", metadata={"help": "mean | random"})
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "chatml or a .jinja file: installed if the base tokenizer has no chat template"},
+    )
     train_only_sid_embeddings: bool = field(
         default=False, metadata={"help": "freeze everything but the new SID token rows (MiniOneRec's option)"}
     )

@@ -2,7 +2,10 @@
 
 ``model_name_or_path: default`` (or None) builds a Qwen2-architecture decoder from scratch with a
 byte-level BPE tokenizer trained on the catalogue text (presets ``tiny``/``small``/``base``);
-anything else is loaded with transformers (HF id or local path). ``prepare_base_checkpoint``
+``qwen2.5-0.5b-random`` / ``qwen2.5-0.5b-random-2layer`` build Qwen2.5-0.5B's architecture with
+random weights and the real Qwen2.5 tokenizer, offline (``recipes.qwen_offline``), and then take
+the path a real checkpoint takes; anything else is loaded with transformers (HF id or local
+path), after checking that it is a decoder-only causal LM. ``prepare_base_checkpoint``
 writes, once and atomically, the checkpoint training starts from: base model + SID tokens +
 the ``sidrec/`` catalogue (``sid_tokenizer.catalog``).
 """
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 
 from data_prep.dataset import RecDataset
+from recipes.qwen_offline import build_qwen_random, is_qwen_random_preset
 from sid_tokenizer.catalog import save_catalogue
 from sid_tokenizer.prompts import CHATML_TEMPLATE, PROMPTS, REC_TOKEN, SPECIAL_TOKENS
 from sid_tokenizer.sid import SidIndex
@@ -115,6 +119,33 @@ def build_default_model(dataset: RecDataset, preset: str = "small", seed: int = 
     return model, tokenizer
 
 
+def check_causal_lm(model_name_or_path: str, trust_remote_code: bool = False):
+    """The ``AutoConfig`` of ``model_name_or_path`` if it names a decoder-only causal LM, else a
+    ValueError naming the model and what it is (an encoder, an encoder-decoder, no LM head)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    archs = list(getattr(config, "architectures", None) or [])
+    causal_names = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    what = f"model_name_or_path={model_name_or_path!r} ({config.model_type}, architectures {archs or 'not given'})"
+    hint = "sidrec fine-tunes decoder-only causal LMs (AutoModelForCausalLM), e.g. Qwen/Qwen2.5-0.5B-Instruct"
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{what} is an encoder-decoder model, not a decoder-only causal LM; {hint}")
+    remote_causal = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING and not remote_causal:
+        raise ValueError(f"{what} has no causal-LM head in transformers; {hint}")
+    if archs and not any(a in causal_names or a.endswith("ForCausalLM") for a in archs) and not remote_causal:
+        raise ValueError(
+            f"{what} was saved as {', '.join(archs)}, not as a causal LM (an encoder or a task head): its "
+            f"weights would load into a causal-LM head it was never trained with; {hint}"
+        )
+    return config
+
+
 def prepare_base_checkpoint(
     init_dir: str | Path,
     dataset: RecDataset,
@@ -126,14 +157,18 @@ def prepare_base_checkpoint(
     trust_remote_code: bool = False,
     sid_dir: str | None = None,
     dataset_dir: str | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Create (once) the checkpoint training starts from: base model + SID tokens, resized.
 
     ``model_name_or_path`` None or ``"default"`` builds the offline default (a Qwen2 model
     with a catalogue-trained tokenizer, ``preset`` size); anything else is loaded with
-    transformers (HF id or local path). Written atomically, so a killed run never leaves a
-    half-saved base; a second call reuses it (this is what makes training resumable: SFTTrainer
-    does not resize embeddings itself).
+    transformers (HF id or local path; ``check_causal_lm`` first) and so is a
+    ``qwen2.5-0.5b-random*`` preset built in memory: pad token = eos if missing, ``<|rec|>`` and
+    the SID tokens added after the existing ids. ``chat_template``: ``"chatml"`` or a Jinja file,
+    installed when the tokenizer has none (chat tasks need one; see ``recipes.tasks.build_mixture``).
+    Written atomically, so a killed run never leaves a half-saved base; a second call reuses it
+    (this is what makes training resumable: SFTTrainer does not resize embeddings itself).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -146,16 +181,24 @@ def prepare_base_checkpoint(
     if model_name_or_path in (None, "", "default"):
         model, tokenizer = build_default_model(dataset, preset=preset, seed=seed)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            model_name_or_path, trust_remote_code=trust_remote_code, torch_dtype="auto"
-        )
+        if is_qwen_random_preset(model_name_or_path):
+            model, tokenizer = build_qwen_random(model_name_or_path, seed=seed)
+        else:
+            check_causal_lm(model_name_or_path, trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                model_name_or_path, trust_remote_code=trust_remote_code, dtype="auto"
+            )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        if tokenizer.chat_template is None:
-            tokenizer.chat_template = CHATML_TEMPLATE
+        if chat_template is not None and tokenizer.chat_template is None:
+            tokenizer.chat_template = (
+                CHATML_TEMPLATE
+                if chat_template == "chatml"
+                else Path(chat_template).read_text(encoding="utf-8")
+            )
         tokenizer.add_tokens([REC_TOKEN], special_tokens=True)
-    add_sid_tokens(model, tokenizer, index.vocab, init=sid_init, seed=seed)
+    add_sid_tokens(model, tokenizer, index.vocab, init=sid_init, seed=seed, model_name=model_name_or_path)
     with atomic_directory(init_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

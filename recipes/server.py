@@ -35,6 +35,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 PROCESSOR = "sid_tokenizer.vllm_processor:SidTrieLogitsProcessor"
+# GPU vLLM's default Model Runner V2 loads only V2 processors (with VLLM_USE_V2_MODEL_RUNNER=1)
+PROCESSOR_V2 = "sid_tokenizer.vllm_processor_v2:SidTrieLogitsProcessorV2"
 MIDDLEWARE = "sid_tokenizer.vllm_processor.sid_prompt_guard"
 
 
@@ -61,6 +63,7 @@ class ServerConfig:
     chunked_prefill: bool | None = None
     # identifies this launch on /v1/sid/info (set per start_server call)
     launch_token: str = field(default_factory=lambda: secrets.token_hex(16))
+    logits_processor: str = PROCESSOR  # PROCESSOR_V2 with env VLLM_USE_V2_MODEL_RUNNER=1 on GPU
 
     def command(self) -> list[str]:
         cmd = [
@@ -70,7 +73,7 @@ class ServerConfig:
             "--model",
             str(self.checkpoint),
             "--logits-processors",
-            PROCESSOR,
+            self.logits_processor,
             "--middleware",
             MIDDLEWARE,
             "--host",

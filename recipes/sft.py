@@ -61,6 +61,7 @@ def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelCon
         seed=training_args.seed,
         sid_dir=script_args.sid_dir,
         dataset_dir=script_args.dataset_dir,
+        chat_template=script_args.chat_template,
     )
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

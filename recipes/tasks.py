@@ -210,6 +210,13 @@ def build_mixture(
         if w <= 0 or (task in TEXT_TASKS and not has_text):
             continue
         rows.extend(TASKS[task](ctx, w))
+    chat = sorted({r["task"] for r in rows if r["messages"]})
+    if chat and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"tokenizer of {getattr(tokenizer, 'name_or_path', None) or 'the model'} has no chat template, "
+            f"but tasks {chat} are chat tasks: use a chat model's tokenizer, set chat_template: chatml "
+            "(or a .jinja file) in the SFT recipe, or keep to the raw seq2seq task"
+        )
     for r in rows:
         if r["messages"]:
             r["prompt"] = tokenizer.apply_chat_template(
