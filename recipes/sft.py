@@ -42,6 +42,7 @@ def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelCon
             training_args.metric_for_best_model,
         )
         training_args.metric_for_best_model, training_args.greater_is_better = "eval_loss", False
+    logger.info("process %d of %d", training_args.process_index, training_args.world_size)
     dataset = RecDataset.load(script_args.dataset_dir)
     index = load_sid_dir(script_args.sid_dir, dataset)
     out = Path(training_args.output_dir)

