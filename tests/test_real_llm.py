@@ -118,17 +118,29 @@ def test_presets_have_qwen25_05b_config(qwen_tok):
 
 # ----------------------------------------------------------------------------- SID tokens in the real vocabulary
 @pytest.fixture(scope="module")
-def qwen_base(scientific_dirs, tmp_path_factory) -> Path:
-    """prepare_base_checkpoint on the 2-layer preset: the path a real checkpoint takes."""
-    from data_prep.dataset import RecDataset
-    from recipes.model import prepare_base_checkpoint
-    from sid_tokenizer.catalog import load_sid_dir
+def qwen_sft(scientific_dirs, tmp_path_factory) -> Path:
+    """recipes/sft.py on the 2-layer preset: 2 steps with a chat task, a ranking eval and final/."""
+    out = tmp_path_factory.mktemp("qwen_sft") / "sft"
+    cfg = out.parent / "sft_qwen.yaml"
+    cfg.write_text(
+        "model_name_or_path: qwen2.5-0.5b-random-2layer\n"
+        "tasks: {seq2seq: 0.05, title2sid: 0.01}\nmax_history: 5\nmax_length: 64\nnum_train_epochs: 1\n"
+        "max_steps: 2\nper_device_train_batch_size: 2\nper_device_eval_batch_size: 4\nlearning_rate: 1.0e-4\n"
+        "weight_decay: 0.1\neval_strategy: steps\neval_steps: 2\nsave_strategy: steps\nsave_steps: 2\n"
+        "rank_eval_users: 2\nrank_eval_beams: 4\nmax_eval_loss_users: 4\nlogging_steps: 1\nbf16: false\n"
+        "gradient_checkpointing: false\nreport_to: none\nseed: 0\ndataloader_num_workers: 0\n"
+        "metric_for_best_model: eval_NDCG@10\ngreater_is_better: true\n"
+    )
+    run_cmd([sys.executable, "recipes/sft.py", "--config", str(cfg), "--dataset_dir", str(scientific_dirs["dataset"]),
+             "--sid_dir", str(scientific_dirs["sid"]), "--output_dir", str(out)])  # fmt: skip
+    return out
 
-    ds = RecDataset.load(scientific_dirs["dataset"])
-    index = load_sid_dir(scientific_dirs["sid"], ds)
-    out = tmp_path_factory.mktemp("qwen") / "base"
-    return prepare_base_checkpoint(out, ds, index, TWO_LAYER, seed=0, sid_dir=str(scientific_dirs["sid"]),
-                                   dataset_dir=str(scientific_dirs["dataset"]))  # fmt: skip
+
+@pytest.fixture(scope="module")
+def qwen_base(qwen_sft) -> Path:
+    """The base checkpoint recipes/sft.py made from the 2-layer preset (prepare_base_checkpoint:
+    the path a real checkpoint takes)."""
+    return qwen_sft / "base"
 
 
 @pytest.mark.slow
@@ -291,25 +303,6 @@ def test_train_only_sid_embeddings_moves_only_sid_rows_under_weight_decay(scient
 
 
 # ----------------------------------------------------------------------------- slow: training and serving
-@pytest.fixture(scope="module")
-def qwen_sft(scientific_dirs, tmp_path_factory) -> Path:
-    """recipes/sft.py on the 2-layer preset: 2 steps with a chat task, a ranking eval and final/."""
-    out = tmp_path_factory.mktemp("qwen_sft") / "sft"
-    cfg = out.parent / "sft_qwen.yaml"
-    cfg.write_text(
-        "model_name_or_path: qwen2.5-0.5b-random-2layer\n"
-        "tasks: {seq2seq: 0.05, title2sid: 0.01}\nmax_history: 5\nmax_length: 64\nnum_train_epochs: 1\n"
-        "max_steps: 2\nper_device_train_batch_size: 2\nper_device_eval_batch_size: 4\nlearning_rate: 1.0e-4\n"
-        "weight_decay: 0.1\neval_strategy: steps\neval_steps: 2\nsave_strategy: steps\nsave_steps: 2\n"
-        "rank_eval_users: 2\nrank_eval_beams: 4\nmax_eval_loss_users: 4\nlogging_steps: 1\nbf16: false\n"
-        "gradient_checkpointing: false\nreport_to: none\nseed: 0\ndataloader_num_workers: 0\n"
-        "metric_for_best_model: eval_NDCG@10\ngreater_is_better: true\n"
-    )
-    run_cmd([sys.executable, "recipes/sft.py", "--config", str(cfg), "--dataset_dir", str(scientific_dirs["dataset"]),
-             "--sid_dir", str(scientific_dirs["sid"]), "--output_dir", str(out)])  # fmt: skip
-    return out
-
-
 @pytest.mark.slow
 def test_full_sft_on_the_151k_model_trains_and_saves(qwen_sft):
     state = json.loads((qwen_sft / "checkpoint-2" / "trainer_state.json").read_text())
