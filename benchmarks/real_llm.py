@@ -206,6 +206,11 @@ def sft_child(spec: dict) -> dict:
         callbacks=[Clock()],
     )
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    if mode == "sid_rows":  # the matrices are trainable with their gradient masked to the SID rows
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        effective = len(index.vocab.tokens()) * model.config.hidden_size * (1 if tied else 2)
+    else:
+        effective = trainable
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     steady = times[1:] or times
@@ -221,6 +226,7 @@ def sft_child(spec: dict) -> dict:
         "tokens_per_step_mean": round(statistics.mean(tokens_per_step), 1),
         "tokens_per_s": round(statistics.mean(tokens_per_step) / step_s, 1),
         "trainable_params": trainable,
+        "effective_trainable_params": effective,
         "total_params": sum(p.numel() for p in trainer.model.parameters()),
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
@@ -339,11 +345,9 @@ def vllm_child(spec: dict) -> dict:
     index, prompts = test_prompts(Path(spec["dataset_dir"]), Path(spec["sid_dir"]), spec["users"])
     cuda = spec["device"] == "cuda"
     extra = {}
-    if cuda:  # the GPU default runner, with the V2 processor
-        from sid_tokenizer.vllm_processor_v2 import SidTrieLogitsProcessorV2
-
+    if cuda:  # the GPU default runner: load_vllm then loads the V2 processor
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
-        extra = {"logits_processors": [SidTrieLogitsProcessorV2], "gpu_memory_utilization": 0.5}
+        extra = {"gpu_memory_utilization": 0.5}
     t0 = time.perf_counter()
     llm = load_vllm(
         spec["base"],
@@ -392,6 +396,10 @@ def serve_part(args, base: Path) -> dict:
     come back as catalogue SIDs (count 1..3, some with a category filter)."""
     from recipes.client import SidRecClient
     from recipes.server import PROCESSOR_V2, ServerConfig, free_port, start_server
+
+    assert (
+        ServerConfig(checkpoint=str(base), env={"VLLM_USE_V2_MODEL_RUNNER": "1"}).processor() == PROCESSOR_V2
+    )
     from sid_tokenizer.catalog import Catalogue
 
     cuda = args.device == "cuda"
@@ -404,8 +412,7 @@ def serve_part(args, base: Path) -> dict:
         enforce_eager=not cuda,
         gpu_memory_utilization=0.5 if cuda else None,
     )
-    if cuda:
-        cfg.logits_processor = PROCESSOR_V2
+    if cuda:  # the GPU default runner: ServerConfig then loads PROCESSOR_V2
         cfg.env["VLLM_USE_V2_MODEL_RUNNER"] = "1"
     cat = Catalogue.load(base)
     rng = random.Random(0)
@@ -474,6 +481,17 @@ def write_report(path: Path, res: dict, argv: list[str]) -> None:
                 f"| {r['mode']} | {r['loss']} | {r['trainable_params'] / 1e6:.1f}M / {r['total_params'] / 1e6:.0f}M | "
                 f"{r['step_s_median']} | {r['tokens_per_s']} | {mem} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} |"
             )
+        sid_rows = [
+            r for r in res["sft"] if r.get("mode") == "sid_rows" and "effective_trainable_params" in r
+        ]
+        lines += [
+            "",
+            "Trainable params: `lora` counts the two trained copies PEFT's `modules_to_save` makes of the tied "
+            "embedding (embed_tokens and lm_head) plus the adapters; `sid_rows` keeps the embedding matrix "
+            "trainable with its gradient masked to the SID rows"
+            + (f" ({sid_rows[0]['effective_trainable_params'] / 1e6:.2f}M effective)" if sid_rows else "")
+            + ", so AdamW still keeps state for the whole matrix.",
+        ]
         if not any(r.get("loss") == "sid" for r in res["sft"]):
             lines += [
                 "",

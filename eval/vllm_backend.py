@@ -56,8 +56,14 @@ def load_vllm(
     from vllm import LLM
 
     os.environ[ENV_CHECKPOINT] = str(checkpoint)
-    # GPU vLLM defaults to Model Runner V2, whose loader rejects V1 logits processors
+    # GPU vLLM defaults to Model Runner V2, whose loader rejects V1 logits processors: V1 unless
+    # the caller asks for V2 (VLLM_USE_V2_MODEL_RUNNER=1), then the V2 class
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    processor = SidTrieLogitsProcessor
+    if os.environ["VLLM_USE_V2_MODEL_RUNNER"] == "1":
+        from sid_tokenizer.vllm_processor_v2 import SidTrieLogitsProcessorV2
+
+        processor = SidTrieLogitsProcessorV2
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gib)))
     kwargs = dict(
         model=str(checkpoint),
@@ -67,7 +73,7 @@ def load_vllm(
         seed=seed,
         enforce_eager=enforce_eager,
         enable_prefix_caching=True,
-        logits_processors=[SidTrieLogitsProcessor],
+        logits_processors=[processor],
         logprobs_mode="processed_logits",
         max_logprobs=max(20, num_beams),
     )

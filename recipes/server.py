@@ -63,7 +63,13 @@ class ServerConfig:
     chunked_prefill: bool | None = None
     # identifies this launch on /v1/sid/info (set per start_server call)
     launch_token: str = field(default_factory=lambda: secrets.token_hex(16))
-    logits_processor: str = PROCESSOR  # PROCESSOR_V2 with env VLLM_USE_V2_MODEL_RUNNER=1 on GPU
+    # None: PROCESSOR, or PROCESSOR_V2 when the environment sets VLLM_USE_V2_MODEL_RUNNER=1 (GPU)
+    logits_processor: str | None = None
+
+    def processor(self) -> str:
+        if self.logits_processor:
+            return self.logits_processor
+        return PROCESSOR_V2 if self.environment()["VLLM_USE_V2_MODEL_RUNNER"] == "1" else PROCESSOR
 
     def command(self) -> list[str]:
         cmd = [
@@ -73,7 +79,7 @@ class ServerConfig:
             "--model",
             str(self.checkpoint),
             "--logits-processors",
-            self.logits_processor,
+            self.processor(),
             "--middleware",
             MIDDLEWARE,
             "--host",

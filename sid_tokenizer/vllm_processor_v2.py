@@ -87,7 +87,7 @@ class SidTrieLogitsProcessorV2(LogitsProcessor):
     def __init__(self, vllm_config, req_states) -> None:
         from transformers import AutoTokenizer
 
-        from sid_tokenizer.llm import sid_token_ids
+        from sid_tokenizer.vocab import sid_token_ids
 
         mc = vllm_config.model_config
         self.catalogue = ServingCatalogue(os.environ.get(ENV_CHECKPOINT) or mc.model)

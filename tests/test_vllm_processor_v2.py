@@ -184,3 +184,15 @@ def test_spec_decode_rows_are_refused_and_bad_arguments_rejected(mini_ckpt, monk
         SidTrieLogitsProcessorV2.validate_params(
             SamplingParams(extra_args={"sid_constrained": 1, "sid_items": "NOPE"})
         )
+
+
+def test_server_and_offline_engine_pick_the_v2_class_under_mrv2(monkeypatch):
+    from recipes.server import PROCESSOR, PROCESSOR_V2, ServerConfig
+
+    assert ServerConfig(checkpoint="ckpt").processor() == PROCESSOR
+    v2 = ServerConfig(checkpoint="ckpt", env={"VLLM_USE_V2_MODEL_RUNNER": "1"})
+    cmd = v2.command()
+    assert cmd[cmd.index("--logits-processors") + 1] == PROCESSOR_V2
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert ServerConfig(checkpoint="ckpt").processor() == PROCESSOR_V2
+    assert ServerConfig(checkpoint="ckpt", logits_processor="my.mod:Proc").processor() == "my.mod:Proc"
