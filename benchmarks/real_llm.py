@@ -495,7 +495,7 @@ def write_report(path: Path, res: dict, argv: list[str]) -> None:
         if not any(r.get("loss") == "sid" for r in res["sft"]):
             lines += [
                 "",
-                "SID-restricted loss: not measured (recipes/sid_loss.py is not on this branch's main yet).",
+                "SID-restricted loss: not measured (recipes/sid_loss.py, issue of the `quality` branch, was not on main when this ran).",
             ]
         lines.append("")
     if "rank" in res:

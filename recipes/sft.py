@@ -42,7 +42,13 @@ def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelCon
             training_args.metric_for_best_model,
         )
         training_args.metric_for_best_model, training_args.greater_is_better = "eval_loss", False
-    logger.info("process %d of %d", training_args.process_index, training_args.world_size)
+    logger.info(
+        "process %d of %d (%s, backend %s)",
+        training_args.process_index,
+        training_args.world_size,
+        training_args.distributed_state.distributed_type,
+        training_args.distributed_state.backend,
+    )
     dataset = RecDataset.load(script_args.dataset_dir)
     index = load_sid_dir(script_args.sid_dir, dataset)
     out = Path(training_args.output_dir)
@@ -52,18 +58,21 @@ def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelCon
         if training_args.process_index == 0:
             plot_training_curves(done["log_history"], out / "training_curves.png")
         return
-    base = prepare_base_checkpoint(
-        out / "base",
-        dataset,
-        index,
-        model_args.model_name_or_path,
-        preset=script_args.model_preset,
-        sid_init=script_args.sid_embedding_init,
-        seed=training_args.seed,
-        sid_dir=script_args.sid_dir,
-        dataset_dir=script_args.dataset_dir,
-        chat_template=script_args.chat_template,
-    )
+    # built by one process, then reused by the others (concurrent builds would replace the
+    # directory under a rank that is reading it); per node only when nodes do not share the disk
+    with training_args.main_process_first(local=training_args.save_on_each_node, desc="base checkpoint"):
+        base = prepare_base_checkpoint(
+            out / "base",
+            dataset,
+            index,
+            model_args.model_name_or_path,
+            preset=script_args.model_preset,
+            sid_init=script_args.sid_embedding_init,
+            seed=training_args.seed,
+            sid_dir=script_args.sid_dir,
+            dataset_dir=script_args.dataset_dir,
+            chat_template=script_args.chat_template,
+        )
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -22,13 +22,15 @@ def test_sft_runs_on_two_processes_and_saves_once(scientific_dirs, tmp_path):
             "--dataset_dir", str(scientific_dirs["dataset"]), "--sid_dir", str(scientific_dirs["sid"]),
             "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "4",
             "--eval_steps", "3", "--save_steps", "3", "--rank_eval_users", "4", "--max_eval_loss_users", "8",
-            "--logging_steps", "1", "--report_to", "none", "--max_length", "64",
+            "--logging_steps", "1", "--report_to", "none", "--max_length", "64", "--use_cpu", "true",
         ],
         timeout=900,
     )  # fmt: skip
     log = proc.stdout + proc.stderr
-    assert "process 0 of 2" in log and "process 1 of 2" in log  # both ranks ran the recipe
-    assert "Total train batch size (w. parallel, distributed & accumulation) = 8" in log
+    # both ranks ran the recipe in one gloo process group of 2
+    for rank in (0, 1):
+        assert f"process {rank} of 2 (DistributedType.MULTI_CPU, backend gloo)" in log
+    assert log.count("reusing base checkpoint") == 1  # rank 0 built base/, rank 1 reused it
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and any("eval_NDCG@10" in r for r in state["log_history"])
     # final/ written once by the main process: complete, and no staging or per-rank copies left
