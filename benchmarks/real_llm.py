@@ -448,12 +448,37 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), shared"
 
 
+def merge_results(old: dict, new: dict) -> dict:
+    """``new`` plus what ``old`` measured and ``new`` did not: SFT rows of other (mode, loss) and
+    parts not rerun; an old row that failed is replaced by the new row of the same mode."""
+    merged = dict(new)
+    redone = {(r.get("mode"), r.get("loss")) for r in new.get("sft", [])}
+    kept = [r for r in old.get("sft", []) if (r.get("mode"), r.get("loss")) not in redone]
+    failed = {(r.get("mode"), r.get("loss")): r["error"] for r in old.get("sft", []) if "error" in r}
+    for r in new.get("sft", []):
+        if (r.get("mode"), r.get("loss")) in failed:
+            err = failed[(r.get("mode"), r.get("loss"))]
+            r["rerun_of_failed"] = "killed (exit -9)" if "exited -9" in err else err[:200]
+    if "sft" in old or "sft" in new:
+        order = {m: i for i, m in enumerate(["full", "lora", "sid_rows", "qlora"])}
+        merged["sft"] = sorted(kept + new.get("sft", []), key=lambda r: order.get(r.get("mode"), 9))
+    for part in ("rank", "serve"):
+        if part not in new and part in old:
+            merged[part] = old[part]
+    merged["commands"] = old.get("commands", []) + new["commands"]
+    merged["date"] = ", ".join(dict.fromkeys([old.get("date", ""), new["date"]]))
+    return merged
+
+
 def write_report(path: Path, res: dict, argv: list[str]) -> None:
     atomic_write_json(path.with_suffix(".json"), res)
     lines = [
         "# The real-LLM path at real size (Qwen2.5-0.5B shape, random weights)",
         "",
-        f"`{' '.join(['python', 'benchmarks/real_llm.py', *argv])}` on {res['machine']}, {res['date']} "
+        " then ".join(
+            f"`{c}`" for c in res.get("commands") or [" ".join(["python", "benchmarks/real_llm.py", *argv])]
+        )
+        + f" on {res['machine']}, {res['date']} "
         f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, torch threads {torch.get_num_threads()}).",
         f"Model `{res['preset']}`: Qwen2.5-0.5B's config.json with random weights and the offline Qwen2.5 "
         f"tokenizer ({res.get('vocab_rows', '?')} embedding rows after the SID tokens); Scientific, RK-Means 3x256 "
@@ -481,6 +506,13 @@ def write_report(path: Path, res: dict, argv: list[str]) -> None:
                 f"| {r['mode']} | {r['loss']} | {r['trainable_params'] / 1e6:.1f}M / {r['total_params'] / 1e6:.0f}M | "
                 f"{r['step_s_median']} | {r['tokens_per_s']} | {mem} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} |"
             )
+        for r in res["sft"]:
+            if "rerun_of_failed" in r:
+                lines += [
+                    "",
+                    f"`{r['mode']}` was rerun alone (the second command): in the first run its process was "
+                    f"{r['rerun_of_failed']}, out of memory while other jobs shared the machine.",
+                ]
         sid_rows = [
             r for r in res["sft"] if r.get("mode") == "sid_rows" and "effective_trainable_params" in r
         ]
@@ -570,6 +602,7 @@ def main() -> None:
     ap.add_argument("--sid_dir", default=None)
     ap.add_argument("--work", default="outputs/real_llm")
     ap.add_argument("--out", default="docs/results/real_llm")
+    ap.add_argument("--merge", action="store_true", help="keep the other figures of an earlier --out JSON")
     ap.add_argument(
         "--smoke", action="store_true", help="2-layer preset, 2 steps, 2 users: checks the script"
     )
@@ -612,7 +645,10 @@ def main() -> None:
         except Exception as e:  # report, do not lose the other parts' figures
             res["serve"] = {"error": f"{type(e).__name__}: {str(e)[-1500:]}"}
         print(json.dumps(res["serve"]), flush=True)
+    res["commands"] = [" ".join(["python", "benchmarks/real_llm.py", *sys.argv[1:]])]
     out = Path(args.out)
+    if args.merge and out.with_suffix(".json").exists():  # keep the earlier run's other figures
+        res = merge_results(json.loads(out.with_suffix(".json").read_text()), res)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_report(out, res, sys.argv[1:])
     print(f"wrote {out}.md / .json")
