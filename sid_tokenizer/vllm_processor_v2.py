@@ -10,7 +10,7 @@ whose CPU worker runs the V1 runner)::
     LLM(model=CKPT, logits_processors=[SidTrieLogitsProcessorV2])
 
 Same per-request arguments (``vllm_xargs``: ``sid_constrained``, ``sid_items``, ``sid_category``,
-``sid_count``, ``sid_prefix_len``, ``sid_logprobs``), same catalogue (``<model>/sidrec/``,
+``sid_count``, ``sid_prefix_len``, ``sid_logprobs``, ``sid_exclude``, ``sid_exclude_seen``), same catalogue (``<model>/sidrec/``,
 ``SIDREC_CHECKPOINT``), same argument checks (``validate_params`` -> HTTP 400) and the same trie
 logic: the allowed tokens come from ``SidMasker`` and are applied by ``mask_logits`` of the V1
 module, imported, not copied.
@@ -46,6 +46,7 @@ from sid_tokenizer.vllm_processor import (
     SidTrieLogitsProcessor,
     mask_logits,
     parse_sid_args,
+    request_banned_codes,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ logger = logging.getLogger(__name__)
 class _Slot:
     req: SidRequest
     end_ids: list[int]
+    # (n, L) SIDs the request excludes (sid_exclude / sid_exclude_seen); computed at the slot's
+    # first step, where the prompt can be read from the device (add_request does not get it)
+    banned: np.ndarray | None = None
+    banned_ready: bool = False
 
 
 def token_windows(
@@ -140,6 +145,10 @@ class SidTrieLogitsProcessorV2(LogitsProcessor):
             )
         cons = [(b, st) for b, st in mine if st.req.constrained]
         generated: list[list[int]] = []
+        for b, st in cons:
+            if not st.banned_ready:
+                st.banned = self._banned(int(slot_of_row[b]), st.req)
+                st.banned_ready = True
         if cons:
             L = self.masker.num_levels
             slots = np.asarray([slot_of_row[b] for b, _ in cons], dtype=np.int64)
@@ -161,4 +170,14 @@ class SidTrieLogitsProcessorV2(LogitsProcessor):
             reqs=[st.req for _, st in cons],
             generated=generated,
             end_ids=[st.end_ids for _, st in cons],
+            banned=[st.banned for _, st in cons],
         )
+
+    def _banned(self, slot: int, req: SidRequest) -> np.ndarray | None:
+        """``request_banned_codes`` of the request in ``slot``, its prompt read from the device
+        only when ``sid_exclude_seen`` needs it (once per request)."""
+        prompt = None
+        if req.exclude_seen:
+            n = int(np.asarray(self.req_states.prompt_len.np)[slot])
+            prompt = self.req_states.all_token_ids.gpu[slot, :n].tolist()
+        return request_banned_codes(self.catalogue, self.masker, req, prompt)

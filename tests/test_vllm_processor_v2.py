@@ -196,3 +196,29 @@ def test_server_and_offline_engine_pick_the_v2_class_under_mrv2(monkeypatch):
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
     assert ServerConfig(checkpoint="ckpt").processor() == PROCESSOR_V2
     assert ServerConfig(checkpoint="ckpt", logits_processor="my.mod:Proc").processor() == "my.mod:Proc"
+
+
+def test_exclusions_match_the_v1_processor(mini_ckpt):  # noqa: F811 (fixture imported above)
+    """sid_exclude + sid_exclude_seen: V2 reads the prompt off the device once and bans the same SIDs."""
+    eng = Engine(mini_ckpt)
+    ids = eng.proc.masker.level_token_ids
+    seen = [int(ids[lv][c]) for lv, c in enumerate(CODES[2])]  # the prompt mentions item P02's SID
+    prompt = [5, 6, *seen, 7]
+    xargs = {"sid_constrained": 1, "sid_exclude": "P00,P01", "sid_exclude_seen": 1, "sid_count": 4}
+    mc = SimpleNamespace(
+        model=str(mini_ckpt), tokenizer=str(mini_ckpt), trust_remote_code=False, get_vocab_size=lambda: VOCAB
+    )
+    v1 = SidTrieLogitsProcessor(SimpleNamespace(model_config=mc), torch.device("cpu"), False)
+    out1: list[int] = []
+    v1.update_state(BatchUpdate(batch_size=1, removed=[], added=[(0, SamplingParams(extra_args=xargs), prompt, out1)],
+                                moved=[]))  # fmt: skip
+    eng.add(3, prompt, SamplingParams(extra_args=xargs))
+    g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    for _ in range(13):
+        r1 = v1.apply(torch.randn(1, VOCAB, generator=g1))
+        r2 = eng.step([3], g2)
+        torch.testing.assert_close(r1, r2)
+        out1.append(int(r1[0].argmax()))
+    assert eng.output(3) == out1
+    produced = sids(eng.proc, eng.output(3)[:12])
+    assert len(set(produced)) == 4 and not set(produced) & {CODES[0], CODES[1], CODES[2]}
