@@ -21,6 +21,8 @@ input ids, ``-100`` = no loss; the shift to next-token labels happens inside)::
 
 from __future__ import annotations
 
+import functools
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -180,6 +182,7 @@ def sid_restricted_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     shift: bool = True,
     text_chunk: int = TEXT_CHUNK,
+    lookup: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SidLossOutput:
     """Causal-LM loss with SID-restricted softmax.
 
@@ -188,6 +191,7 @@ def sid_restricted_loss(
     t+1, as transformers' causal-LM loss) or already shifted (``shift=False``); ``-100`` = no loss.
     The loss is the sum of label negative log-likelihoods over ``num_items_in_batch`` (the
     Trainer's token count under gradient accumulation) or over the number of labelled positions.
+    ``lookup``: ``levels.lookup(V, device)``, cached by the caller across batches.
     """
     if hidden.ndim != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(
@@ -198,9 +202,55 @@ def sid_restricted_loss(
         hidden, labels = hidden[:, :-1], labels[:, 1:]
     labels = labels.to(hidden.device)
     mask = labels != IGNORE_INDEX
-    stats = sid_token_log_probs(hidden[mask], weight, labels[mask], levels, bias=bias, text_chunk=text_chunk)
+    stats = sid_token_log_probs(
+        hidden[mask], weight, labels[mask], levels, bias=bias, text_chunk=text_chunk, lookup=lookup
+    )
     # masked_scatter keeps an all-ignored micro-batch connected to the graph (a differentiable zero)
     log_probs, entropy, is_top1 = (s.new_zeros(mask.shape).masked_scatter(mask, s) for s in stats)
     denom = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     loss = -log_probs.sum() / torch.as_tensor(denom, device=log_probs.device)
     return SidLossOutput(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask)
+
+
+def add_sid_loss_forward(model, levels: SidLevels) -> None:
+    """Patch ``model.forward`` (a transformers causal LM, before or after PEFT wrapping: pass the
+    underlying model) so that ``model(input_ids=..., attention_mask=..., labels=labels,
+    sid_restricted_loss=True, num_items_in_batch=n)`` runs the backbone and returns the
+    ``SidLossOutput`` of ``sid_restricted_loss`` instead of logits. Without the flag the forward
+    is unchanged (generation, TRL's fused LM head). Calling through the wrapped model keeps DDP
+    and PEFT in the loop, as TRL's ``add_fused_lm_head`` does."""
+    text_config = model.config.get_text_config()
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling"):
+        if getattr(text_config, name, None) not in (None, 1.0):
+            raise ValueError(
+                f"sid_restricted_loss does not support models with {name}={getattr(text_config, name)}"
+            )
+    inner = model.forward
+    cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, sid_restricted_loss: bool = False, **kwargs):
+        if not sid_restricted_loss:
+            return inner(*args, **kwargs)
+        labels = kwargs.pop("labels")
+        num_items = kwargs.pop("num_items_in_batch", None)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        head = self.get_output_embeddings()
+        key = (head.weight.shape[0], str(head.weight.device))
+        if key not in cache:
+            cache[key] = levels.lookup(head.weight.shape[0], head.weight.device)
+        return _sid_restricted_loss(
+            hidden.to(head.weight.device),
+            head.weight,
+            labels,
+            levels,
+            bias=head.bias,
+            num_items_in_batch=num_items,
+            lookup=cache[key],
+        )
+
+    model.forward = types.MethodType(forward, model)
+
+
+_sid_restricted_loss = sid_restricted_loss  # the patched forward's keyword shadows the function name
