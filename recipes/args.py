@@ -33,6 +33,12 @@ class SidSFTArgs:
     rank_eval_beams: int = 20
     max_eval_loss_users: int = 2000
     seed_data: int = 0
+    sid_restricted_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "softmax over the label's SID level only at SID positions (recipes.sid_loss); text keeps the full vocabulary"
+        },
+    )
 
 
 @dataclass

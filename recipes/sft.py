@@ -21,6 +21,7 @@ from data_prep.dataset import RecDataset
 from recipes.args import SidSFTArgs
 from recipes.model import prepare_base_checkpoint
 from recipes.sft_trainer import SidSFTTrainer, trainable_sid_rows_only
+from recipes.sid_loss import SidLevels
 from recipes.tasks import build_mixture, eval_rows, tokenize_rows
 from recipes.training import (
     CatalogueCallback,
@@ -105,6 +106,9 @@ def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelCon
         peft_config=get_peft_config(model_args),
         callbacks=[CatalogueCallback(base)],
         rank_eval=(dataset, index, dataset.valid, script_args) if script_args.rank_eval_users > 0 else None,
+        sid_levels=SidLevels.from_tokenizer(tokenizer, index.vocab)
+        if script_args.sid_restricted_loss
+        else None,
     )
     train_or_finish(trainer, last, done)
     save_final(trainer, tokenizer, base, final)

@@ -66,7 +66,7 @@ class SidLevels:
     @classmethod
     def from_tokenizer(cls, tokenizer, vocab) -> SidLevels:
         """The levels of ``vocab`` (a ``SidVocab``) as ids of ``tokenizer`` (which must hold them)."""
-        from sid_tokenizer.llm import sid_token_ids
+        from sid_tokenizer.vocab import sid_token_ids
 
         return cls.from_ids(sid_token_ids(tokenizer, vocab))
 

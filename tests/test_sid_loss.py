@@ -100,3 +100,36 @@ def test_bad_inputs_are_named():
         sid_restricted_loss(hidden[0], weight, labels, SidLevels.from_ids(LEVELS))
     with pytest.raises(ValueError, match="token ids in"):
         sid_restricted_loss(hidden, weight, labels.masked_fill(labels == 12, 99), SidLevels.from_ids(LEVELS))
+
+
+def test_patched_model_forward_matches_masked_logits_of_the_model():
+    """``add_sid_loss_forward`` on a real (tiny, random) Qwen2 causal LM: same loss and gradients as
+    the model's own logits with the other levels masked, and an unchanged forward without the flag."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from recipes.sid_loss import add_sid_loss_forward
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        tie_word_embeddings=True,
+    )
+    model = Qwen2ForCausalLM(config).double()
+    _, _, _, labels = random_case(5, False)
+    input_ids = labels.clamp(min=0)
+    attention_mask = torch.ones_like(input_ids)
+    ref_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    add_sid_loss_forward(model, SidLevels.from_ids(LEVELS))
+    torch.testing.assert_close(model(input_ids=input_ids, attention_mask=attention_mask).logits, ref_logits)
+
+    ref = reference_loss(ref_logits, torch.eye(V, dtype=torch.float64), None, labels, LEVELS)
+    ref_grad = torch.autograd.grad(ref, model.lm_head.weight)[0]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, sid_restricted_loss=True)
+    grad = torch.autograd.grad(out.loss, model.lm_head.weight)[0]
+    torch.testing.assert_close(out.loss, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-8, atol=1e-10)
