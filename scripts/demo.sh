@@ -6,6 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false
+# OpenMP threads sleep instead of spinning while they wait: on a shared box a spinning thread that
+# loses its core stalls the others (2 threads, load ~10 on 2 cores: 0.22 SFT steps/s spinning,
+# 1.6 passive; docs/results/demo.md). Set OMP_WAIT_POLICY=ACTIVE to override.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 OUT=outputs/demo
 SEED=${SEED:-42}  # training seed (init, data order, dropout) of SFT and DPO: `SEED=7 bash scripts/demo.sh`
 mkdir -p "$OUT"
