@@ -11,7 +11,8 @@ import pytest
 from data_prep.behaviour import cooccurrence, fuse, l2_normalise, ppmi_svd
 from data_prep.dataset import RecDataset
 from data_prep.embed import embeddings_path
-from sid_tokenizer.build import BuildArgs, build, load_sid_index
+from sid_tokenizer.build import BuildArgs, build
+from sid_tokenizer.catalog import load_sid_dir
 
 ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -93,7 +94,7 @@ def test_build_sids_from_behaviour_and_fused_sources(scientific_dirs, tmp_path, 
     assert meta["inputs"]["embedding_dim"] == (32 if source == "behaviour" else 384 + 32)
     assert meta["inputs"]["behaviour_embeddings"]["method"] == "ppmi_svd"
     assert ("embeddings" in meta["inputs"]) == (source == "fused")
-    index = load_sid_index(out, scientific_dirs["dataset"])
+    index = load_sid_dir(out, RecDataset.load(scientific_dirs["dataset"]))
     assert len(index) == 4344 and meta["counts"]["collisions_after"] == 0
     # a behaviour .npy from elsewhere (e.g. SASRec item embeddings) is quantized as given
     emb = np.load(embeddings_path(scientific_dirs["dataset"], ENCODER))[:, :16]
