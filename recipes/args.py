@@ -37,6 +37,12 @@ class SidSFTArgs:
     rank_eval_beams: int = 20
     max_eval_loss_users: int = 2000
     seed_data: int = 0
+    sid_restricted_loss: bool = field(
+        default=False,
+        metadata={
+            "help": "softmax over the label's SID level only at SID positions (recipes.sid_loss); text keeps the full vocabulary"
+        },
+    )
 
 
 @dataclass
@@ -121,7 +127,11 @@ RL_CONFIGS = {"grpo": GRPOConfig, "dpo": DPOConfig}
 
 def parse_rl_args(argv: list[str] | None = None) -> tuple[RLScriptArgs, GRPOConfig | DPOConfig, ModelConfig]:
     """Read ``algorithm`` first (YAML or CLI), then parse everything with its config class."""
-    (pre, _) = TrlParser((RLScriptArgs,)).parse_args_and_config(argv, return_remaining_strings=True)
+    # no prefix matching in the pre-parse: `--seed` (a training argument) would be an ambiguous
+    # abbreviation of `--seed_data` there and abort before the full parser sees it
+    (pre, _) = TrlParser((RLScriptArgs,), allow_abbrev=False).parse_args_and_config(
+        argv, return_remaining_strings=True
+    )
     if pre.algorithm not in RL_CONFIGS:
         raise ValueError(f"algorithm must be one of {sorted(RL_CONFIGS)}, got {pre.algorithm!r}")
     return TrlParser((RLScriptArgs, RL_CONFIGS[pre.algorithm], ModelConfig)).parse_args_and_config(argv)

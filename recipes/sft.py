@@ -21,6 +21,7 @@ from data_prep.dataset import RecDataset
 from recipes.args import SidSFTArgs
 from recipes.model import prepare_base_checkpoint
 from recipes.sft_trainer import SidSFTTrainer, trainable_sid_rows_only
+from recipes.sid_loss import SidLevels
 from recipes.tasks import build_mixture, eval_rows, tokenize_rows
 from recipes.training import (
     CatalogueCallback,
@@ -42,12 +43,10 @@ def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelCon
             training_args.metric_for_best_model,
         )
         training_args.metric_for_best_model, training_args.greater_is_better = "eval_loss", False
+    state = training_args.distributed_state
     logger.info(
         "process %d of %d (%s, backend %s)",
-        training_args.process_index,
-        training_args.world_size,
-        training_args.distributed_state.distributed_type,
-        training_args.distributed_state.backend,
+        *(state.process_index, state.num_processes, state.distributed_type, state.backend),
     )
     dataset = RecDataset.load(script_args.dataset_dir)
     index = load_sid_dir(script_args.sid_dir, dataset)
@@ -98,13 +97,8 @@ def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelCon
     )
     train_ds = Dataset.from_dict(tokenize_rows(rows, tokenizer, training_args.max_length or 512))
     valid = dataset.valid[: script_args.max_eval_loss_users]
-    eval_ds = Dataset.from_dict(
-        tokenize_rows(
-            eval_rows(dataset, index, valid, script_args.max_history),
-            tokenizer,
-            training_args.max_length or 512,
-        )
-    )
+    valid_rows = eval_rows(dataset, index, valid, script_args.max_history)
+    eval_ds = Dataset.from_dict(tokenize_rows(valid_rows, tokenizer, training_args.max_length or 512))
     logger.info("task mixture rows: %s", dict(Counter(r["task"] for r in rows)))
 
     trainer = SidSFTTrainer(
@@ -116,6 +110,9 @@ def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelCon
         peft_config=get_peft_config(model_args),
         callbacks=[CatalogueCallback(base)],
         rank_eval=(dataset, index, dataset.valid, script_args) if script_args.rank_eval_users > 0 else None,
+        sid_levels=SidLevels.from_tokenizer(tokenizer, index.vocab)
+        if script_args.sid_restricted_loss
+        else None,
     )
     train_or_finish(trainer, last, done)
     save_final(trainer, tokenizer, base, final)

@@ -6,7 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false
+# OpenMP threads sleep instead of spinning while they wait: on a shared box a spinning thread that
+# loses its core stalls the others (2 threads, load ~10 on 2 cores: 0.22 SFT steps/s spinning,
+# 1.6 passive; docs/results/demo.md). Set OMP_WAIT_POLICY=ACTIVE to override.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 OUT=outputs/demo
+SEED=${SEED:-42}  # training seed (init, data order, dropout) of SFT and DPO: `SEED=7 bash scripts/demo.sh`
 mkdir -p "$OUT"
 TIMES="$OUT/stage_times.tsv"
 : > "$TIMES"
@@ -29,11 +34,12 @@ stage sids  "$OUT/sid_rkmeans/meta.json" \
   python -m sid_tokenizer.build --config sid_tokenizer/configs/scientific_rkmeans.yaml \
     --dataset_dir "$OUT/dataset" --output_dir "$OUT/sid_rkmeans"
 stage sft   "$OUT/sft/final/sidrec/meta.json" \
-  accelerate launch --config_file accelerate_configs/cpu.yaml recipes/sft.py --config recipes/configs/sft_demo.yaml
+  accelerate launch --config_file accelerate_configs/cpu.yaml recipes/sft.py --config recipes/configs/sft_demo.yaml \
+    --seed "$SEED"
 # RL: DPO on pairs mined from the SFT model itself (always a learning signal, even for a weak
 # model; GRPO's beam groups rarely contain the target after a few minutes of SFT, see docs/rl.md)
 stage rl    "$OUT/dpo/final/sidrec/meta.json" \
-  python recipes/rl.py --config recipes/configs/dpo_demo.yaml
+  python recipes/rl.py --config recipes/configs/dpo_demo.yaml --seed "$SEED"
 stage baselines "$OUT/baselines/baselines.json" \
   python -m eval.baselines_main --config eval/configs/scientific_baselines.yaml --dataset_dir "$OUT/dataset" \
     --output_dir "$OUT/baselines" --baselines random popularity --splits test --history_filtered_rows false

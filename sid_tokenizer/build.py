@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from data_prep.behaviour import EMBEDDING_SOURCES, fuse, ppmi_svd
 from data_prep.dataset import RecDataset
 from data_prep.embed import DEFAULT_ENCODER, embeddings_path, load_embeddings
 from data_prep.io import (
@@ -79,6 +80,23 @@ class BuildArgs:
             "help": "imported index: codebook size per level (default: max code + 1 rounded up to a power of 2)"
         },
     )
+    embedding_source: str = field(
+        default="text",
+        metadata={
+            "help": "text (embeddings/<encoder>.npy) | behaviour (interactions: PPMI-SVD of the training "
+            "sequences, or behaviour_embeddings_file) | fused (both, L2-normalised, concatenated)"
+        },
+    )
+    behaviour_weight: float = field(
+        default=0.5, metadata={"help": "fused: share of squared distance from behaviour (0..1)"}
+    )
+    behaviour_dim: int = 64
+    behaviour_embeddings_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "behaviour .npy (rows = catalogue items, e.g. SASRec item embeddings) instead of PPMI-SVD"
+        },
+    )
     quantizer: str = field(default="rkmeans", metadata={"help": f"one of {sorted(QUANTIZERS)}"})
     num_levels: int = 3
     codebook_size: int = 256
@@ -112,6 +130,10 @@ class BuildArgs:
     def __post_init__(self) -> None:
         if self.collision_strategy not in STRATEGIES:
             raise ValueError(f"collision_strategy {self.collision_strategy!r}: expected one of {STRATEGIES}")
+        if self.embedding_source not in EMBEDDING_SOURCES:
+            raise ValueError(
+                f"embedding_source {self.embedding_source!r}: expected one of {EMBEDDING_SOURCES}"
+            )
         if self.index_path is None and self.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer {self.quantizer!r}: expected one of {sorted(QUANTIZERS)}")
 
@@ -127,6 +149,10 @@ class BuildArgs:
             "quantizer",
             "collision_strategy",
             "reroute",
+            "embedding_source",
+            "behaviour_weight",
+            "behaviour_dim",
+            "behaviour_embeddings_file",
         }
         return {k: v for k, v in asdict(self).items() if k not in skip and v is not None}
 
@@ -152,6 +178,35 @@ def import_index(path: str | Path, raw_ids: list[str], level_sizes: list[int] | 
     return index
 
 
+def item_embeddings(args: BuildArgs, ds: RecDataset, inputs: dict[str, Any]) -> np.ndarray:
+    """The matrix to quantize for ``args.embedding_source`` (text, behaviour or fused); records
+    the files and settings it came from in ``inputs`` (meta.json)."""
+    text = behaviour = None
+    if args.embedding_source in ("text", "fused"):
+        path = (
+            Path(args.embeddings_file)
+            if args.embeddings_file
+            else embeddings_path(args.dataset_dir, args.encoder)
+        )
+        text = load_embeddings(path, num_items=ds.num_items)
+        inputs.update(embeddings=str(path), embeddings_sha256=file_sha256(path))
+    if args.embedding_source in ("behaviour", "fused"):
+        if args.behaviour_embeddings_file:
+            path = Path(args.behaviour_embeddings_file)
+            behaviour = load_embeddings(path, num_items=ds.num_items)
+            inputs.update(behaviour_embeddings=str(path), behaviour_embeddings_sha256=file_sha256(path))
+        else:
+            behaviour, info = ppmi_svd(ds.train, ds.num_items, dim=args.behaviour_dim, seed=args.seed)
+            inputs.update(behaviour_embeddings=info)
+    if args.embedding_source == "fused":
+        emb = fuse(text, behaviour, args.behaviour_weight)
+        inputs.update(behaviour_weight=args.behaviour_weight)
+    else:
+        emb = text if text is not None else behaviour
+    inputs.update(embedding_source=args.embedding_source, embedding_dim=int(emb.shape[1]))
+    return emb
+
+
 def build(args: BuildArgs) -> Path:
     """Run the whole stage; returns the output directory."""
     timer = StageTimer()
@@ -169,24 +224,14 @@ def build(args: BuildArgs) -> Path:
             codes, level_sizes = index.codes, index.vocab.level_sizes
             inputs.update(index_path=str(args.index_path), index_sha256=file_sha256(args.index_path))
         else:
-            emb_path = (
-                Path(args.embeddings_file)
-                if args.embeddings_file
-                else embeddings_path(args.dataset_dir, args.encoder)
-            )
-            emb = load_embeddings(emb_path, num_items=len(raw_ids))
+            emb = item_embeddings(args, ds, inputs)
             if len(emb) < args.codebook_size:
                 raise DataError(
-                    emb_path,
+                    Path(args.dataset_dir),
                     f"{len(emb)} items is fewer than codebook_size {args.codebook_size}: every code of a level "
                     f"needs an item; use --codebook_size {2 ** max(1, int(np.log2(len(emb))))} or less",
                     field="codebook_size",
                 )
-            inputs.update(
-                embeddings=str(emb_path),
-                embeddings_sha256=file_sha256(emb_path),
-                embedding_dim=int(emb.shape[1]),
-            )
     fit_info: dict[str, Any] = {}
     recon = None
     if emb is not None:
