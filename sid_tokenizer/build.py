@@ -227,7 +227,7 @@ def build(args: BuildArgs) -> Path:
             emb = item_embeddings(args, ds, inputs)
             if len(emb) < args.codebook_size:
                 raise DataError(
-                    Path(args.dataset_dir),
+                    Path(inputs.get("embeddings") or args.dataset_dir),
                     f"{len(emb)} items is fewer than codebook_size {args.codebook_size}: every code of a level "
                     f"needs an item; use --codebook_size {2 ** max(1, int(np.log2(len(emb))))} or less",
                     field="codebook_size",

@@ -86,6 +86,13 @@ def sids(proc, tokens: list[int]) -> list[tuple[int, ...]]:
     return [tuple(int(c) for c in row) for row in codes]
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_checkpoint(monkeypatch):
+    """eval.vllm_backend.load_vllm sets SIDREC_CHECKPOINT for its process; an earlier test's value
+    would point these processors at another checkpoint (and tokenizer)."""
+    monkeypatch.delenv(ENV_CHECKPOINT, raising=False)
+
+
 def test_it_is_a_v2_processor_that_vllm_would_load():
     from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs_by_fqcns
 
