@@ -607,23 +607,28 @@ class _Row:
     banned: np.ndarray | None = None  # (n, L) SIDs this request excludes
 
 
+def engine_masker(vllm_config) -> tuple[ServingCatalogue, SidMasker, int | None]:
+    """What a logits processor (V1 or Model Runner V2) builds once per engine: the serving
+    catalogue (``SIDREC_CHECKPOINT`` or the served model dir), its masker over the model's
+    vocabulary, and the tokenizer's EOS id."""
+    from transformers import AutoTokenizer
+
+    from sid_tokenizer.vocab import sid_token_ids
+
+    mc = vllm_config.model_config
+    catalogue = ServingCatalogue(os.environ.get(ENV_CHECKPOINT) or mc.model)
+    tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer, trust_remote_code=mc.trust_remote_code)
+    masker = SidMasker(
+        catalogue, sid_token_ids(tokenizer, catalogue.index.vocab), vocab_size=mc.get_vocab_size()
+    )
+    return catalogue, masker, tokenizer.eos_token_id
+
+
 class SidTrieLogitsProcessor(LogitsProcessor):
     """vLLM V1 logits processor enforcing the catalogue's SID trie on requests that ask for it."""
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
-        from transformers import AutoTokenizer
-
-        from sid_tokenizer.vocab import sid_token_ids
-
-        mc = vllm_config.model_config
-        self.catalogue = ServingCatalogue(os.environ.get(ENV_CHECKPOINT) or mc.model)
-        tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer, trust_remote_code=mc.trust_remote_code)
-        self.masker = SidMasker(
-            self.catalogue,
-            sid_token_ids(tokenizer, self.catalogue.index.vocab),
-            vocab_size=mc.get_vocab_size(),
-        )
-        self.eos_token_id = tokenizer.eos_token_id
+        self.catalogue, self.masker, self.eos_token_id = engine_masker(vllm_config)
         self.device = device
         self.rows: dict[int, _Row] = {}
 

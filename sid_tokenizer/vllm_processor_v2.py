@@ -31,7 +31,6 @@ desynchronise it. Speculative decoding (several logits rows per request) is refu
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,11 +38,9 @@ import torch
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcessor
 
 from sid_tokenizer.vllm_processor import (
-    ENV_CHECKPOINT,
-    ServingCatalogue,
-    SidMasker,
     SidRequest,
     SidTrieLogitsProcessor,
+    engine_masker,
     mask_logits,
     parse_sid_args,
     request_banned_codes,
@@ -90,19 +87,7 @@ class SidTrieLogitsProcessorV2(LogitsProcessor):
     """vLLM Model Runner V2 logits processor enforcing the catalogue's SID trie on requests that ask."""
 
     def __init__(self, vllm_config, req_states) -> None:
-        from transformers import AutoTokenizer
-
-        from sid_tokenizer.vocab import sid_token_ids
-
-        mc = vllm_config.model_config
-        self.catalogue = ServingCatalogue(os.environ.get(ENV_CHECKPOINT) or mc.model)
-        tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer, trust_remote_code=mc.trust_remote_code)
-        self.masker = SidMasker(
-            self.catalogue,
-            sid_token_ids(tokenizer, self.catalogue.index.vocab),
-            vocab_size=mc.get_vocab_size(),
-        )
-        self.eos_token_id = tokenizer.eos_token_id
+        self.catalogue, self.masker, self.eos_token_id = engine_masker(vllm_config)
         self.req_states = req_states
         self.slots: dict[int, _Slot] = {}
 
