@@ -34,6 +34,23 @@ def run_cmd(args: list[str], cwd: Path = ROOT, timeout: int = 1200) -> subproces
     return proc
 
 
+def demo_sft_cmd(dirs: dict[str, Path], output_dir: Path) -> list[str]:
+    """``python recipes/sft.py`` with the demo recipe on the session's Scientific dataset / SIDs
+    into ``output_dir``; tests append their own overrides."""
+    return [
+        sys.executable,
+        "recipes/sft.py",
+        "--config",
+        "recipes/configs/sft_demo.yaml",
+        "--dataset_dir",
+        str(dirs["dataset"]),
+        "--sid_dir",
+        str(dirs["sid"]),
+        "--output_dir",
+        str(output_dir),
+    ]
+
+
 @pytest.fixture(scope="session")
 def scientific_dirs(tmp_path_factory) -> dict[str, Path]:
     """outputs of `data_prep.prepare` (vendored embeddings reused) and `sid_tokenizer.build` (rkmeans)."""
@@ -72,16 +89,7 @@ def tiny_sft(scientific_dirs) -> Path:
     out = scientific_dirs["root"] / "sft"
     run_cmd(
         [
-            sys.executable,
-            "recipes/sft.py",
-            "--config",
-            "recipes/configs/sft_demo.yaml",
-            "--dataset_dir",
-            str(scientific_dirs["dataset"]),
-            "--sid_dir",
-            str(scientific_dirs["sid"]),
-            "--output_dir",
-            str(out),
+            *demo_sft_cmd(scientific_dirs, out),
             "--max_steps",
             "6",
             "--eval_steps",

@@ -5,12 +5,11 @@ checkpoints) beats Popularity on 4,000 random validation users (HR@10: paired 95
 from __future__ import annotations
 
 import random
-import sys
 
 import numpy as np
 import pytest
 
-from tests.conftest import run_cmd
+from tests.conftest import demo_sft_cmd, run_cmd
 
 EPOCHS = 6
 USERS = 4000
@@ -27,16 +26,7 @@ def test_demo_sft_on_reduced_budget_beats_popularity_on_validation(scientific_di
     out = tmp_path / "sft"
     run_cmd(
         [
-            sys.executable,
-            "recipes/sft.py",
-            "--config",
-            "recipes/configs/sft_demo.yaml",
-            "--dataset_dir",
-            str(scientific_dirs["dataset"]),
-            "--sid_dir",
-            str(scientific_dirs["sid"]),
-            "--output_dir",
-            str(out),
+            *demo_sft_cmd(scientific_dirs, out),
             "--num_train_epochs",
             str(EPOCHS),
             "--eval_strategy",

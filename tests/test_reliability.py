@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sid_tokenizer.catalog import load_checkpoint
-from tests.conftest import ROOT
+from tests.conftest import ROOT, demo_sft_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -25,16 +25,7 @@ pytestmark = pytest.mark.slow
 def test_sft_survives_kill_9(scientific_dirs, tmp_path):
     out, max_steps = tmp_path / "sft_kill", 30
     cmd = [
-        sys.executable,
-        "recipes/sft.py",
-        "--config",
-        "recipes/configs/sft_demo.yaml",
-        "--dataset_dir",
-        str(scientific_dirs["dataset"]),
-        "--sid_dir",
-        str(scientific_dirs["sid"]),
-        "--output_dir",
-        str(out),
+        *demo_sft_cmd(scientific_dirs, out),
         "--max_steps",
         str(max_steps),
         "--save_steps",

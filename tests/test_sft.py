@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from sid_tokenizer.catalog import load_checkpoint
 from sid_tokenizer.constrained import SidLogitsProcessor
 from sid_tokenizer.prompts import seq2seq_prompt
 from sid_tokenizer.vocab import sid_token_ids
-from tests.conftest import run_cmd
+from tests.conftest import demo_sft_cmd, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -111,16 +110,7 @@ def test_sft_resumes_from_last_checkpoint(tiny_sft, scientific_dirs):
     # the fixture ran 6 steps with checkpoints every 3: ask for 8 steps, it must continue from step 6
     proc = run_cmd(
         [
-            sys.executable,
-            "recipes/sft.py",
-            "--config",
-            "recipes/configs/sft_demo.yaml",
-            "--dataset_dir",
-            str(scientific_dirs["dataset"]),
-            "--sid_dir",
-            str(scientific_dirs["sid"]),
-            "--output_dir",
-            str(tiny_sft),
+            *demo_sft_cmd(scientific_dirs, tiny_sft),
             "--max_steps",
             "8",
             "--eval_steps",
@@ -152,16 +142,7 @@ def test_lora_with_new_sid_rows(scientific_dirs, tmp_path):
     out = tmp_path / "lora"
     run_cmd(
         [
-            sys.executable,
-            "recipes/sft.py",
-            "--config",
-            "recipes/configs/sft_demo.yaml",
-            "--dataset_dir",
-            str(scientific_dirs["dataset"]),
-            "--sid_dir",
-            str(scientific_dirs["sid"]),
-            "--output_dir",
-            str(out),
+            *demo_sft_cmd(scientific_dirs, out),
             "--max_steps",
             "2",
             "--rank_eval_users",
