@@ -43,7 +43,9 @@ class ModelPreset:
 PRESETS: dict[str, ModelPreset] = {
     # ~1.5M parameters plus embeddings: trains in minutes on 2 CPU cores
     "tiny": ModelPreset(128, 2, 2, 2, 384, 2048),
-    # ~5M parameters: the demo default
+    # the tiny depth at the small width: the quality sweep's "wider" variant
+    "wide": ModelPreset(256, 2, 4, 2, 768, 2048),
+    # ~5M parameters
     "small": ModelPreset(256, 4, 4, 2, 768, 3000),
     # ~30M parameters: quality runs on a GPU
     "base": ModelPreset(512, 8, 8, 4, 1536, 8000),

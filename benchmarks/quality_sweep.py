@@ -1,0 +1,431 @@
+"""Budgeted quality sweep on Scientific (issue 13): one change at a time from one base recipe,
+selected and compared on ALL validation users, then a final model for the test split.
+
+    python -m benchmarks.quality_sweep                          # every variant, then the report
+    printf '%s\\n' tiny_e16 wide_e16 | xargs -P 2 -I{} python -m benchmarks.quality_sweep --only {}
+    python -m benchmarks.quality_sweep --final tiny_e32         # final model of a chosen variant
+    python -m benchmarks.quality_sweep --report_only true       # (re)write the report
+
+Every variant trains ``recipes/configs/sft_sweep_scientific.yaml`` (tiny offline default decoder,
+RQ-VAE SIDs, seq2seq task, SID-restricted loss, 16 epochs, checkpoints selected on validation
+NDCG@10 over all 8,317 validation users, 8 times per run) with the variant's CLI overrides
+(``python recipes/sft.py --config ... --output_dir outputs/sweep/<v> <overrides>``), then
+``python -m eval.evaluate --splits valid`` ranks all validation users with full-catalogue
+constrained beam search (bootstrap 95% CIs). The test split is not looked at during the sweep.
+
+``--final <v>``: variant ``v`` is retrained on train + validation targets
+(``--include_valid_in_train true``) for its best epoch count, without evaluation, and that model,
+plus the validation-selected model of the sweep, are tested once on all test users
+(``outputs/sweep/final_<v>``). The report puts both next to Popularity and SASRec
+(``docs/results/baselines_scientific.json``).
+
+Resumable: a stage whose artifact is complete (``final/``, ``eval/metrics.json``) is skipped and a
+killed training resumes from its last checkpoint. Writes ``docs/results/quality_sweep.{json,md,png}``
+(command, machine, date inside).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Run as a script, this folder would come first on sys.path and benchmarks/sid_tokenizer.py would
+# shadow the sid_tokenizer package.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import describe_machine, machine_info  # noqa: E402
+from data_prep.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+# name -> (what changes, CLI overrides of the base recipe). One change at a time from tiny_e16.
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "tiny_e16": ("base recipe: tiny (128 x 2 layers), lr 3e-3 cosine, 16 epochs", []),
+    "tiny_e16_full_loss": (
+        "full-vocabulary softmax instead of the SID-restricted loss",
+        ["--sid_restricted_loss", "false"],
+    ),
+    "tiny_e32": ("32 epochs", ["--num_train_epochs", "32"]),
+    "wide_e16": ("wider: 256 x 2 layers (4 heads)", ["--model_preset", "wide"]),
+    "small_e16": ("wider and deeper: 256 x 4 layers (the small preset)", ["--model_preset", "small"]),
+    "tiny_e16_lr1e-3": ("learning rate 1e-3", ["--learning_rate", "1e-3"]),
+    "tiny_e16_align": (
+        "+ SID<->title alignment tasks (title2sid 0.5, sid2title 0.25 rows per item)",
+        ["--tasks", '{"seq2seq": 1.0, "title2sid": 0.5, "sid2title": 0.25}'],
+    ),
+    "wide_e32": ("wider (256 x 2) and 32 epochs", ["--model_preset", "wide", "--num_train_epochs", "32"]),
+}
+METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "valid_rate")
+
+
+@dataclass
+class SweepArgs:
+    variants: list[str] = field(
+        default_factory=lambda: list(VARIANTS), metadata={"help": f"variants to run, of {list(VARIANTS)}"}
+    )
+    only: str | None = field(default=None, metadata={"help": "run this one variant and write no report"})
+    final: str | None = field(
+        default=None,
+        metadata={"help": "train the final model of this variant (train + valid targets) and test it"},
+    )
+    threads: int = field(default=1, metadata={"help": "OMP_NUM_THREADS / MKL_NUM_THREADS of every stage"})
+    sft_config: str = "recipes/configs/sft_sweep_scientific.yaml"
+    eval_config: str = "eval/configs/scientific_sft.yaml"
+    output_root: str = "outputs/sweep"
+    report_dir: str = "docs/results"
+    baselines_json: str = "docs/results/baselines_scientific.json"
+    report_only: bool = False
+
+
+# ---- stages ------------------------------------------------------------------------------------
+def run_dir(args: SweepArgs, name: str) -> Path:
+    return Path(args.output_root) / name
+
+
+def train_cmd(args: SweepArgs, name: str, extra: list[str] | None = None) -> list[str]:
+    base = name.removeprefix("final_")
+    cmd = [sys.executable, "recipes/sft.py", "--config", args.sft_config]
+    return cmd + ["--output_dir", str(run_dir(args, name)), *VARIANTS[base][1], *(extra or [])]
+
+
+def eval_cmd(args: SweepArgs, checkpoint: Path, splits: list[str], name: str, out: Path) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "eval.evaluate",
+        "--config",
+        args.eval_config,
+        "--checkpoint",
+        str(checkpoint),
+    ]
+    cmd += ["--splits", *splits, "--also_unconstrained", "false", "--model_name", name]
+    return cmd + ["--output_dir", str(out), "--baselines_json", args.baselines_json]
+
+
+def _complete_model(path: Path) -> bool:
+    return (path / "config.json").exists() and (path / "sidrec" / "meta.json").exists()
+
+
+def _env(args: SweepArgs) -> dict[str, str]:
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "MKL_NUM_THREADS": str(args.threads),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
+
+
+def _run(args: SweepArgs, name: str, stage: str, cmd: list[str], done: Path) -> None:
+    """Run ``cmd`` unless ``done`` exists; log to outputs/sweep/logs, record the wall time."""
+    if done.exists():
+        logger.info("%s %s: complete (%s)", name, stage, done)
+        return
+    logs = Path(args.output_root) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{stage}_{name}.log"
+    logger.info("%s %s: %s >> %s", name, stage, " ".join(cmd[1:]), log)
+    t0 = time.time()
+    with open(log, "a") as fh:
+        rc = subprocess.run(cmd, cwd=ROOT, env=_env(args), stdout=fh, stderr=subprocess.STDOUT).returncode
+    seconds = time.time() - t0
+    if rc != 0 or not done.exists():
+        raise SystemExit(f"{name} {stage} failed (exit status {rc}) after {seconds:.0f} s; see {log}")
+    times_path = run_dir(args, name) / "stage_times.json"
+    times = read_json(times_path) if times_path.exists() else {}
+    times.setdefault(stage, []).append(
+        {
+            "seconds": round(seconds, 1),
+            "command": " ".join(cmd[1:]),
+            "threads": args.threads,
+            "load_average": [round(v, 2) for v in os.getloadavg()],
+            "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        }
+    )
+    atomic_write_json(times_path, times)
+    logger.info("%s %s done in %.1f min", name, stage, seconds / 60)
+
+
+def run_variant(args: SweepArgs, name: str) -> None:
+    run = run_dir(args, name)
+    _run(args, name, "train", train_cmd(args, name), run / "final" / "sidrec" / "meta.json")
+    _run(
+        args,
+        name,
+        "eval",
+        eval_cmd(args, run / "final", ["valid"], name, run / "eval"),
+        run / "eval" / "metrics.json",
+    )
+
+
+def best_epoch(args: SweepArgs, name: str) -> int:
+    """The epoch whose checkpoint the sweep run kept (best validation NDCG@10 on all users)."""
+    state = trainer_state(run_dir(args, name))
+    curve = state.get("curve") or []
+    if not curve:
+        raise SystemExit(f"{run_dir(args, name)}: no validation curve; run the variant first")
+    return int(round(max(curve, key=lambda p: p[1])[0]))
+
+
+def run_final(args: SweepArgs, name: str) -> None:
+    """Retrain ``name`` on train + validation targets for its best epoch count, then test it and
+    the validation-selected sweep model once on all test users."""
+    run_variant(args, name)
+    epochs = best_epoch(args, name)
+    final = f"final_{name}"
+    out = run_dir(args, final)
+    extra = ["--include_valid_in_train", "true", "--num_train_epochs", str(epochs), "--eval_strategy", "no"]
+    extra += ["--load_best_model_at_end", "false", "--rank_eval_users", "0", "--save_total_limit", "1"]
+    _run(args, final, "train", train_cmd(args, final, extra), out / "final" / "sidrec" / "meta.json")
+    _run(
+        args,
+        final,
+        "test",
+        eval_cmd(args, out / "final", ["test"], final, out / "test"),
+        out / "test" / "metrics.json",
+    )
+    sweep_test = run_dir(args, name) / "test"
+    cmd = eval_cmd(args, run_dir(args, name) / "final", ["test"], name, sweep_test)
+    _run(args, name, "test", cmd, sweep_test / "metrics.json")
+
+
+# ---- report ------------------------------------------------------------------------------------
+def trainer_state(run: Path) -> dict[str, Any]:
+    """Validation curve (epoch, NDCG@10 on all validation users), eval loss and steps of a run."""
+    states = sorted(
+        run.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1])
+    )
+    if not states:
+        return {}
+    state = read_json(states[-1])
+    hist = state["log_history"]
+    return {
+        "curve": [(h["epoch"], h["eval_NDCG@10"]) for h in hist if "eval_NDCG@10" in h],
+        "loss_curve": [(h["epoch"], h["eval_loss"]) for h in hist if "eval_loss" in h],
+        "steps": state.get("global_step"),
+        "epochs": state.get("epoch"),
+        "best_checkpoint": state.get("best_model_checkpoint"),
+    }
+
+
+def _metrics(path: Path, key: str) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    r = read_json(path)["results"].get(key)
+    return {m: r["metrics"][m] for m in METRICS} | {"users": r["extra"]["users"]} if r else None
+
+
+def _seconds(run: Path, stage: str) -> float | None:
+    path = run / "stage_times.json"
+    entries = read_json(path).get(stage, []) if path.exists() else []
+    return round(sum(e["seconds"] for e in entries), 1) if entries else None
+
+
+def collect(args: SweepArgs) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    for name in args.variants:
+        run = ROOT / run_dir(args, name)
+        valid = _metrics(run / "eval" / "metrics.json", f"{name}/valid")
+        if valid is None:
+            continue
+        state = trainer_state(run)
+        rows[name] = {
+            "change": VARIANTS[name][0],
+            "overrides": VARIANTS[name][1],
+            "valid": valid,
+            "test": _metrics(run / "test" / "metrics.json", f"{name}/test"),
+            "best_epoch": best_epoch(args, name) if state.get("curve") else None,
+            **state,
+            "train_seconds": _seconds(run, "train"),
+            "eval_seconds": _seconds(run, "eval"),
+            "params": _params(run / "final"),
+        }
+        final = ROOT / run_dir(args, f"final_{name}")
+        test = _metrics(final / "test" / "metrics.json", f"final_{name}/test")
+        if test:
+            rows[name]["final"] = {"test": test, "train_seconds": _seconds(final, "train")}
+    return rows
+
+
+def _params(ckpt: Path) -> dict[str, int] | None:
+    """Parameters of a checkpoint: total, and the rows of the SID tokens (input + output)."""
+    cfg_path = ckpt / "config.json"
+    if not cfg_path.exists():
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for f in ckpt.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                total += math.prod(st.get_slice(k).get_shape())
+    return {"total": total}
+
+
+def _ci(m: dict[str, float] | None) -> str:
+    return f"{m['value']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}]" if m else "-"
+
+
+def references(args: SweepArgs) -> dict[str, dict[str, Any]]:
+    path = ROOT / args.baselines_json
+    if not path.exists():
+        return {}
+    res = read_json(path)["results"]
+    return {
+        k: {m: res[k]["metrics"][m] for m in ("HR@10", "NDCG@10")}
+        for k in res
+        if k.split("/")[0] in ("popularity", "sasrec")
+    }
+
+
+def write_report(args: SweepArgs, rows: dict[str, Any]) -> None:
+    out = ROOT / args.report_dir
+    refs = references(args)
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    info = machine_info()
+    meta = {
+        "generated": info["date"],
+        "command": "python -m benchmarks.quality_sweep " + " ".join(sys.argv[1:]),
+        "args": asdict(args),
+        "train_command": " ".join(train_cmd(args, "tiny_e16")[1:]) + " <overrides>",
+        "repo_commit_at_report": commit,
+        "machine": info,
+        "references": refs,
+    }
+    atomic_write_json(out / "quality_sweep.json", {"meta": meta, "results": rows})
+    names = [n for n in args.variants if n in rows]
+    lines = [
+        "# Quality sweep on Scientific: one change at a time, selected on all validation users",
+        "",
+        f"Generated {meta['generated']} by `{meta['command']}` at commit {commit[:12]} on "
+        f"{describe_machine(info)}. Each stage ran with {args.threads} OpenMP thread(s); variants ran two at a "
+        "time, so the minutes are shared-machine wall time.",
+        "",
+        f"Base recipe `{args.sft_config}`: the tiny offline default decoder, RQ-VAE 3x256 SIDs, seq2seq task "
+        "only, SID-restricted loss, batch 32, lr 3e-3 cosine, 16 epochs, seed 42; validation NDCG@10 on all "
+        "8,317 validation users at every eighth of the run, the best checkpoint kept. Then `python -m eval.evaluate "
+        f"--config {args.eval_config} --splits valid` (full-catalogue constrained beam search, 20 beams, "
+        "bootstrap 95% CIs). The test split was not looked at during the sweep.",
+        "",
+        "| variant | change | valid NDCG@10 | valid HR@10 | best epoch | train min | params |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for n in names:
+        r = rows[n]
+        mins = f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "-"
+        params = f"{r['params']['total'] / 1e6:.2f}M" if r.get("params") else "-"
+        lines.append(
+            f"| {n} | {r['change']} | {_ci(r['valid']['NDCG@10'])} | {_ci(r['valid']['HR@10'])} | "
+            f"{r.get('best_epoch')} / {int(round(r.get('epochs') or 0))} | {mins} | {params} |"
+        )
+    for key, label in (("popularity/valid", "*Popularity*"), ("sasrec/valid", "*SASRec (CE, tied)*")):
+        if key in refs:
+            lines.append(f"| {label} | | {_ci(refs[key]['NDCG@10'])} | {_ci(refs[key]['HR@10'])} | | | |")
+    finals = [n for n in names if rows[n].get("final") or rows[n].get("test")]
+    if finals:
+        lines += [
+            "",
+            "## Final models on the test split (all 8,317 test users)",
+            "",
+            "`--final <variant>`: the variant's validation-selected model, and the same recipe retrained on "
+            "train + validation targets (`include_valid_in_train: true`) for the best epoch count, each "
+            "tested once.",
+            "",
+            "| model | test NDCG@10 | test HR@10 | test HR@20 |",
+            "|---|---|---|---|",
+        ]
+        for n in finals:
+            r = rows[n]
+            if r.get("test"):
+                t = r["test"]
+                lines.append(
+                    f"| {n}, validation-selected | {_ci(t['NDCG@10'])} | {_ci(t['HR@10'])} | {t['HR@20']['value']:.4f} |"
+                )
+            if r.get("final"):
+                t = r["final"]["test"]
+                lines.append(
+                    f"| {n}, retrained on train + valid targets ({r['best_epoch']} epochs) | {_ci(t['NDCG@10'])} | "
+                    f"{_ci(t['HR@10'])} | {t['HR@20']['value']:.4f} |"
+                )
+        for key, label in (("popularity/test", "*Popularity*"), ("sasrec/test", "*SASRec (CE, tied)*")):
+            if key in refs:
+                lines.append(f"| {label} | {_ci(refs[key]['NDCG@10'])} | {_ci(refs[key]['HR@10'])} | |")
+    notes = out / "quality_sweep.notes.md"
+    if notes.exists():
+        lines += ["", "## Notes", "", notes.read_text().strip()]
+    lines += ["", "![sweep](quality_sweep.png)", ""]
+    atomic_write_text(out / "quality_sweep.md", "\n".join(lines))
+    _plot(names, rows, refs, out / "quality_sweep.png")
+
+
+def _plot(names: list[str], rows: dict[str, Any], refs: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 4.8))
+    vals = [rows[n]["valid"]["NDCG@10"] for n in names]
+    ax1.bar(
+        range(len(names)),
+        [v["value"] for v in vals],
+        yerr=[[v["value"] - v["ci_low"] for v in vals], [v["ci_high"] - v["value"] for v in vals]],
+        capsize=3,
+    )
+    for key, style in (("popularity/valid", ":"), ("sasrec/valid", "--")):
+        if key in refs:
+            ax1.axhline(refs[key]["NDCG@10"]["value"], ls=style, color="k", label=key.split("/")[0])
+    ax1.set_xticks(range(len(names)), names, rotation=25, ha="right")
+    ax1.set_title("validation NDCG@10 (all users), 95% CI")
+    ax1.legend()
+    for n in names:
+        if rows[n].get("curve"):
+            ax2.plot(*zip(*rows[n]["curve"], strict=True), marker=".", label=n)
+    ax2.set_xlabel("epoch")
+    ax2.set_title("validation NDCG@10 during training (all users)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def main() -> None:
+    from trl import TrlParser
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    (args,) = TrlParser((SweepArgs,)).parse_args_and_config()
+    os.chdir(ROOT)
+    unknown = [v for v in [*args.variants, args.only, args.final] if v and v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    if args.final:
+        run_final(args, args.final)
+    elif args.only:
+        run_variant(args, args.only)
+        return
+    elif not args.report_only:
+        for name in args.variants:
+            run_variant(args, name)
+    write_report(args, collect(args))
+    logger.info("wrote %s/quality_sweep.{json,md,png}", args.report_dir)
+
+
+if __name__ == "__main__":
+    main()
