@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
+import json
 import logging
 import math
 import os
@@ -63,10 +64,25 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "tiny_e16_lr1e-3": ("learning rate 1e-3", ["--learning_rate", "1e-3"]),
     "tiny_e16_align": (
         "+ SID<->title alignment tasks (title2sid 0.5, sid2title 0.25 rows per item)",
-        ["--tasks", '{"seq2seq": 1.0, "title2sid": 0.5, "sid2title": 0.25}'],
+        ["--config_tasks", '{"seq2seq": 1.0, "title2sid": 0.5, "sid2title": 0.25}'],
     ),
     "wide_e32": ("wider (256 x 2) and 32 epochs", ["--model_preset", "wide", "--num_train_epochs", "32"]),
+    # the SID-source ablation: the same recipe on RQ-VAE SIDs of other item embeddings
+    "sid_behaviour": (
+        "SIDs from behaviour embeddings (PPMI-SVD of the training sequences, 64-d) instead of text",
+        ["--sid_dir", "outputs/scientific/sid_rqvae_behaviour"],
+    ),
+    "sid_fused": (
+        "SIDs from text + behaviour embeddings fused (L2-normalised, concatenated, behaviour weight 0.5)",
+        ["--sid_dir", "outputs/scientific/sid_rqvae_fused"],
+    ),
 }
+# SID indexes a variant needs beyond the base recipe's: sid_dir -> sid_tokenizer.build overrides
+SID_BUILDS: dict[str, list[str]] = {
+    "outputs/scientific/sid_rqvae_behaviour": ["--embedding_source", "behaviour", "--behaviour_dim", "64"],
+    "outputs/scientific/sid_rqvae_fused": ["--embedding_source", "fused", "--behaviour_weight", "0.5"],
+}
+SID_CONFIG = "sid_tokenizer/configs/scientific_rqvae.yaml"
 METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "valid_rate")
 
 
@@ -95,9 +111,22 @@ def run_dir(args: SweepArgs, name: str) -> Path:
 
 
 def train_cmd(args: SweepArgs, name: str, extra: list[str] | None = None) -> list[str]:
+    """``recipes/sft.py`` with the variant's overrides. A dict-valued field (``tasks``) cannot be
+    given on the command line: ``--config_tasks JSON`` writes the base recipe with that field
+    replaced to ``<run>/recipe.yaml`` and trains from it."""
+    import yaml
+
     base = name.removeprefix("final_")
-    cmd = [sys.executable, "recipes/sft.py", "--config", args.sft_config]
-    return cmd + ["--output_dir", str(run_dir(args, name)), *VARIANTS[base][1], *(extra or [])]
+    overrides, config = list(VARIANTS[base][1]), args.sft_config
+    if "--config_tasks" in overrides:
+        i = overrides.index("--config_tasks")
+        recipe = yaml.safe_load((ROOT / args.sft_config).read_text())
+        recipe["tasks"] = json.loads(overrides[i + 1])
+        del overrides[i : i + 2]
+        config = str(run_dir(args, name) / "recipe.yaml")
+        atomic_write_text(ROOT / config, yaml.safe_dump(recipe, sort_keys=False))
+    cmd = [sys.executable, "recipes/sft.py", "--config", config]
+    return cmd + ["--output_dir", str(run_dir(args, name)), *overrides, *(extra or [])]
 
 
 def eval_cmd(args: SweepArgs, checkpoint: Path, splits: list[str], name: str, out: Path) -> list[str]:
@@ -161,6 +190,19 @@ def _run(args: SweepArgs, name: str, stage: str, cmd: list[str], done: Path) -> 
 
 def run_variant(args: SweepArgs, name: str) -> None:
     run = run_dir(args, name)
+    overrides = VARIANTS[name][1]
+    for sid_dir, build in SID_BUILDS.items():
+        if sid_dir in overrides:
+            cmd = [
+                sys.executable,
+                "-m",
+                "sid_tokenizer.build",
+                "--config",
+                SID_CONFIG,
+                "--output_dir",
+                sid_dir,
+            ]
+            _run(args, name, "sid", cmd + build, Path(sid_dir) / "meta.json")
     _run(args, name, "train", train_cmd(args, name), run / "final" / "sidrec" / "meta.json")
     _run(
         args,
@@ -180,6 +222,14 @@ def best_epoch(args: SweepArgs, name: str) -> int:
     return int(round(max(curve, key=lambda p: p[1])[0]))
 
 
+def final_overrides(epochs: int) -> list[str]:
+    """Train + validation targets, ``epochs`` epochs, no evaluation (the validation users are
+    training data now), the last checkpoint is the model."""
+    extra = ["--include_valid_in_train", "true", "--num_train_epochs", str(epochs), "--eval_strategy", "no"]
+    extra += ["--save_strategy", "epoch", "--load_best_model_at_end", "false", "--rank_eval_users", "0"]
+    return extra + ["--save_total_limit", "1"]
+
+
 def run_final(args: SweepArgs, name: str) -> None:
     """Retrain ``name`` on train + validation targets for its best epoch count, then test it and
     the validation-selected sweep model once on all test users."""
@@ -187,9 +237,13 @@ def run_final(args: SweepArgs, name: str) -> None:
     epochs = best_epoch(args, name)
     final = f"final_{name}"
     out = run_dir(args, final)
-    extra = ["--include_valid_in_train", "true", "--num_train_epochs", str(epochs), "--eval_strategy", "no"]
-    extra += ["--load_best_model_at_end", "false", "--rank_eval_users", "0", "--save_total_limit", "1"]
-    _run(args, final, "train", train_cmd(args, final, extra), out / "final" / "sidrec" / "meta.json")
+    _run(
+        args,
+        final,
+        "train",
+        train_cmd(args, final, final_overrides(epochs)),
+        out / "final" / "sidrec" / "meta.json",
+    )
     _run(
         args,
         final,
