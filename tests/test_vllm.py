@@ -4,6 +4,7 @@ engine on the tiny SFT checkpoint, compared with the transformers backend)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from types import SimpleNamespace
 
@@ -355,7 +356,10 @@ def offline(tiny_sft):
 
     ckpt = tiny_sft / "final"
     model, tok, cat = load_checkpoint(ckpt)
+    before = os.environ.get("SIDREC_CHECKPOINT")
     llm = load_vllm(ckpt, num_beams=10, max_num_seqs=128)
+    # the engine found the catalogue while it started; the process's variable is the caller's again
+    assert os.environ.get("SIDREC_CHECKPOINT") == before
     yield SimpleNamespace(llm=llm, model=model, tok=tok, cat=cat, ranker=VllmSidRanker(llm, tok, cat.index))
     shutdown_vllm(llm)
 
