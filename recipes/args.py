@@ -87,6 +87,13 @@ class RLScriptArgs:
         default=300, metadata={"help": "validation users ranked at each eval (0: off)"}
     )
     rank_eval_beams: int = 20
+    keep_start_if_better: bool = field(
+        default=True,
+        metadata={
+            "help": "the start (SFT) model is a candidate too: when no RL checkpoint beats its "
+            "metric_for_best_model on the rank-eval users, final/ is the start model (rl_meta.json says which)"
+        },
+    )
     seed_data: int = 0
 
 

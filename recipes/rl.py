@@ -13,6 +13,7 @@ same command resumes from the last complete checkpoint (``recipes.training``).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +34,8 @@ from recipes.training import (
     already_finished,
     plot_training_curves,
     prepare_output_dir,
-    save_final,
+    save_final_or_start,
+    start_metrics,
     train_or_finish,
 )
 from sid_tokenizer.catalog import Catalogue, checkpoint_dataset_dir
@@ -104,9 +106,12 @@ def main(script_args: RLScriptArgs, training_args: GRPOConfig | DPOConfig, model
             **run_info(),
         },
     )
+    start = start_metrics(trainer, out) if a.keep_start_if_better else None
     train_or_finish(trainer, last, done)
-    save_final(trainer, tokenizer, sft, out / "final")
+    selection = save_final_or_start(trainer, tokenizer, sft, out / "final", start)
     if trainer.accelerator.is_main_process:
+        meta = {**json.loads((out / "rl_meta.json").read_text()), "selection": selection}
+        atomic_write_json(out / "rl_meta.json", meta)
         plot_training_curves(trainer.state.log_history, out / "training_curves.png", title=title)
     logger.info("saved %s", out / "final")
 

@@ -253,6 +253,67 @@ def save_final(trainer, tokenizer, sft: Path, final: Path) -> None:
     acc.wait_for_everyone()
 
 
+def start_metrics(trainer, out: Path) -> dict[str, float] | None:
+    """Ranking metrics of the model before training (the same validation users as every later
+    eval), computed once and kept in ``<out>/start_metrics.json`` (a resumed run reads them)."""
+    if trainer.rank_eval is None:
+        return None
+    path = out / "start_metrics.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    trainer.model.eval()  # as in Trainer.evaluate; train() switches back
+    metrics = trainer.ranking_metrics("eval")
+    if trainer.accelerator.is_main_process:
+        atomic_write_bytes(path, json.dumps(metrics, indent=1).encode())
+    logger.info("start model: %s", metrics)
+    return metrics
+
+
+def _metric_key(args) -> str:
+    name = args.metric_for_best_model or "loss"
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
+def start_is_better(trainer, start: dict[str, float] | None) -> bool:
+    """True when the start model's ``metric_for_best_model`` is at least as good as the best
+    checkpoint's (or no checkpoint was scored): training did not improve the selection metric."""
+    args = trainer.args
+    key, best = _metric_key(args), trainer.state.best_metric
+    if start is None or key not in start or not args.load_best_model_at_end:
+        return False
+    if best is None:
+        return True
+    return start[key] >= best if args.greater_is_better else start[key] <= best
+
+
+def save_final_or_start(trainer, tokenizer, start_dir: Path, final: Path, start: dict | None) -> dict:
+    """``final/`` = the trained model (``save_final``), or a copy of the start checkpoint when
+    ``start_is_better``; staged and renamed into place either way. Returns what was chosen."""
+    keep_start = start_is_better(trainer, start)
+    choice = {
+        "metric": _metric_key(trainer.args),
+        "start": start,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_metric": trainer.state.best_metric,
+        "final": "start" if keep_start else "trained",
+    }
+    if not keep_start:
+        save_final(trainer, tokenizer, start_dir, final)
+        return choice
+    logger.warning(
+        "no checkpoint beat the start model on %s (start %.5f, best %s): final/ is a copy of %s",
+        *(choice["metric"], start[choice["metric"]], choice["best_metric"], start_dir),
+    )
+    acc = trainer.accelerator
+    if acc.is_main_process:
+        tmp = final.with_name(f".{final.name}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(start_dir, tmp, ignore=shutil.ignore_patterns("checkpoint-*", "runs", ".*"))
+        _replace_dir(tmp, final)
+    acc.wait_for_everyone()
+    return choice
+
+
 def prepare_output_dir(training_args) -> tuple[str | None, dict | None]:
     """Clean what a killed run left (main process first), then return the last complete
     checkpoint and, when that checkpoint already ends the requested run, its trainer state."""

@@ -6,6 +6,7 @@ import contextlib
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -432,3 +433,52 @@ def test_sasrec_scorer_feeds_the_collaborative_reward(scientific_dirs):
     best = int(scores[0].argmax())
     r = reward(completions=[index.sid(best), "nonsense"], history=[histories[0]] * 2)
     assert r[0] == pytest.approx(1.0, abs=1e-3) and r[1] == 0.0
+
+
+def test_start_model_wins_when_no_checkpoint_beats_it(tmp_path):
+    """The selection rule of recipes.training.start_is_better on real Trainer args/state."""
+    from transformers import TrainerState, TrainingArguments
+
+    from recipes.training import start_is_better
+
+    def trainer(best, greater=True, metric="NDCG@10", load_best=True):
+        args = TrainingArguments(
+            output_dir=str(tmp_path), eval_strategy="steps", save_strategy="steps", report_to="none",
+            metric_for_best_model=metric, greater_is_better=greater, load_best_model_at_end=load_best,
+        )  # fmt: skip
+        return SimpleNamespace(args=args, state=TrainerState(best_metric=best))
+
+    start = {"eval_NDCG@10": 0.020, "eval_loss": 1.5}
+    assert start_is_better(trainer(0.019), start)  # RL got worse: keep the start model
+    assert start_is_better(trainer(0.020), start)  # a tie: training bought nothing
+    assert not start_is_better(trainer(0.021), start)
+    assert start_is_better(trainer(None), start)  # no checkpoint was ever scored
+    assert not start_is_better(trainer(1.4, greater=False, metric="loss"), start)
+    assert start_is_better(trainer(1.6, greater=False, metric="eval_loss"), start)
+    assert not start_is_better(trainer(0.019, load_best=False), start)  # the caller asked for the last
+    assert not start_is_better(trainer(0.019), None)  # keep_start_if_better off
+
+
+@pytest.mark.slow
+def test_dpo_that_ruins_the_model_returns_the_start_model(tiny_sft, tmp_path):
+    """A destructive learning rate: every DPO checkpoint ranks worse than the SFT model on the
+    rank-eval users, so final/ is the SFT model, bit for bit, and rl_meta.json says so."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "dpo"
+    cmd = [
+        sys.executable, "recipes/rl.py", "--config", "recipes/configs/dpo_demo.yaml",
+        "--model_name_or_path", str(tiny_sft / "final"), "--output_dir", str(out),
+        "--num_train_prompts", "24", "--eval_prompts", "8", "--num_negatives", "2", "--mining_beams", "5",
+        "--per_device_train_batch_size", "8", "--learning_rate", "0.5", "--max_steps", "4",
+        "--eval_steps", "2", "--save_steps", "2", "--rank_eval_users", "300", "--report_to", "none",
+    ]  # fmt: skip
+    run_cmd(cmd)
+    meta = json.loads((out / "rl_meta.json").read_text())["selection"]
+    start = json.loads((out / "start_metrics.json").read_text())
+    assert meta["start"] == start and start["eval_NDCG@10"] > 0
+    assert meta["best_metric"] < start["eval_NDCG@10"] and meta["final"] == "start"
+    a = load_file(tiny_sft / "final" / "model.safetensors")
+    b = load_file(out / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (out / "final" / "sidrec" / "items.jsonl").exists()
