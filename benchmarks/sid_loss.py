@@ -50,8 +50,10 @@ def rss_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def prepare(work: Path, config: Path, num_batches: int, seed: int) -> dict:
-    """Dataset, SIDs, base checkpoint and the tokenised batches (saved as JSON for the children)."""
+def prepare(work: Path, config: Path, num_batches: int, seed: int, overrides: dict | None = None) -> dict:
+    """Dataset, SIDs, base checkpoint and the tokenised batches (saved as JSON for the children).
+    ``overrides``: recipe keys replaced (``model_name_or_path``, ``per_device_train_batch_size``,
+    ``max_length``), e.g. the 151k-vocabulary ``qwen2.5-0.5b-random-2layer``."""
     from transformers import AutoTokenizer
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
@@ -59,7 +61,7 @@ def prepare(work: Path, config: Path, num_batches: int, seed: int) -> dict:
     from recipes.tasks import build_mixture, tokenize_rows
     from sid_tokenizer.catalog import load_sid_dir
 
-    recipe = yaml.safe_load(config.read_text())
+    recipe = {**yaml.safe_load(config.read_text()), **(overrides or {})}
     ds_dir, sid_dir = work / "dataset", work / "sid"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for cmd in (
@@ -89,7 +91,7 @@ def prepare(work: Path, config: Path, num_batches: int, seed: int) -> dict:
         work / "base",
         dataset,
         index,
-        "default",
+        recipe.get("model_name_or_path") or "default",
         preset=recipe["model_preset"],
         seed=recipe["seed"],
         sid_dir=str(sid_dir),
@@ -213,6 +215,11 @@ def child(work: Path, variant: str, warmup: int, threads: int) -> dict:
     }
 
 
+def _model_text(payload: dict) -> str:
+    model = payload.get("model", "default")
+    return f"offline default `{payload['preset']}` decoder" if model == "default" else f"`{model}`"
+
+
 def write_markdown(path: Path, payload: dict) -> None:
     s = payload["summary"]
     lines = [
@@ -222,9 +229,10 @@ def write_markdown(path: Path, payload: dict) -> None:
         f"Machine: {payload['machine']}; measured {payload['date']} (load average during runs: "
         f"{payload['load_range'][0]:.1f}-{payload['load_range'][1]:.1f}, so absolute speeds are those of a busy box; "
         "the ratio is paired per repeat).  ",
-        f"Model: offline default `{payload['preset']}` decoder, vocabulary {payload['vocab_size']} "
+        f"Model: {_model_text(payload)}, vocabulary {payload['vocab_size']:,} "
         f"(SID levels {payload['level_sizes']}); batches: {payload['steps']} measured + {payload['warmup']} warm-up "
-        "steps of the demo recipe's task mixture (batch 32, group_by_length), same batches for both losses; "
+        f"steps of the demo recipe's task mixture (batch {payload.get('batch_size', 32)}, max_length "
+        f"{payload.get('max_length', 192)}, group_by_length), same batches for both losses; "
         f"{payload['threads']} torch thread(s).",
         "",
         "| loss | step s (median) | tokens/s | peak RSS MiB | RSS growth in train() MiB | logits MiB/step |",
@@ -257,6 +265,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_prefix", default="docs/results/sid_loss")
+    p.add_argument(
+        "--model", help="model_name_or_path instead of the recipe's (e.g. qwen2.5-0.5b-random-2layer)"
+    )
+    p.add_argument("--batch_size", type=int, help="per_device_train_batch_size instead of the recipe's")
+    p.add_argument("--max_length", type=int, help="max_length instead of the recipe's")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -265,7 +278,14 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="sid_loss_bench_") as tmp:
         work = Path(tmp)
-        data = prepare(work, ROOT / a.config, a.steps + a.warmup, a.seed)
+        over = {
+            "model_name_or_path": a.model,
+            "per_device_train_batch_size": a.batch_size,
+            "max_length": a.max_length,
+        }
+        data = prepare(
+            work, ROOT / a.config, a.steps + a.warmup, a.seed, {k: v for k, v in over.items() if v}
+        )
         runs = []
         for rep in range(a.repeats):
             for v in VARIANTS if rep % 2 == 0 else VARIANTS[::-1]:
@@ -309,6 +329,9 @@ def main() -> None:
         "date": dt.date.today().isoformat(),
         "torch": torch.__version__,
         "preset": data["recipe"]["model_preset"],
+        "model": data["recipe"].get("model_name_or_path") or "default",
+        "batch_size": data["batch_size"],
+        "max_length": data["recipe"]["max_length"],
         "vocab_size": data["vocab_size"],
         "level_sizes": data["level_sizes"],
         "steps": a.steps,
