@@ -250,8 +250,12 @@ def write_markdown(path: Path, payload: dict) -> None:
         "",
         "Full = TRL 1.16's fused LM head (on CPU it projects every position of the padded batch onto the whole "
         "vocabulary, in chunks); restricted = `recipes.sid_loss` (SID-labelled positions: the label level's "
-        "rows only; text labels: full vocabulary, chunked and recomputed in backward). The 151k-vocabulary "
-        "model is benchmarked separately (real-LLM issue).",
+        "rows only; text labels: full vocabulary, chunked and recomputed in backward)."
+        + (
+            " The 151k-vocabulary model: `--model qwen2.5-0.5b-random-2layer` ([sid_loss_151k.md](sid_loss_151k.md))."
+            if payload.get("model", "default") == "default"
+            else ""
+        ),
     ]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
