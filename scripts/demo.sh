@@ -30,9 +30,9 @@ stage() {  # stage NAME DONE_MARKER COMMAND...
 
 stage data  "$OUT/dataset/meta.json" \
   python -m data_prep.prepare --config data_prep/configs/scientific.yaml --output_dir "$OUT/dataset"
-stage sids  "$OUT/sid_rkmeans/meta.json" \
-  python -m sid_tokenizer.build --config sid_tokenizer/configs/scientific_rkmeans.yaml \
-    --dataset_dir "$OUT/dataset" --output_dir "$OUT/sid_rkmeans"
+stage sids  "$OUT/sid_rqvae/meta.json" \
+  python -m sid_tokenizer.build --config sid_tokenizer/configs/scientific_rqvae.yaml \
+    --dataset_dir "$OUT/dataset" --output_dir "$OUT/sid_rqvae"
 stage sft   "$OUT/sft/final/sidrec/meta.json" \
   accelerate launch --config_file accelerate_configs/cpu.yaml recipes/sft.py --config recipes/configs/sft_demo.yaml \
     --seed "$SEED"
@@ -61,7 +61,7 @@ cat "$OUT/summary.md"
 echo
 echo "stage seconds:"; column -t "$TIMES" 2>/dev/null || cat "$TIMES"
 echo "total: $(awk '{s += $2} END {print s}' "$TIMES") s"
-echo "artifacts: $OUT/{dataset,sid_rkmeans,sft,dpo,baselines,eval_sft,eval}"
-echo "plots: $OUT/sid_rkmeans/report.png (codebook use), $OUT/sft/training_curves.png," \
+echo "artifacts: $OUT/{dataset,sid_rqvae,sft,dpo,baselines,eval_sft,eval}"
+echo "plots: $OUT/sid_rqvae/report.png (codebook use), $OUT/sft/training_curves.png," \
      "$OUT/dpo/training_curves.png, $OUT/summary.png (metrics with CIs)"
 echo "This demo trains a 0.8M-parameter model for minutes on CPU; trained results: README.md#results"
