@@ -293,9 +293,9 @@ def collect(args: SweepArgs) -> dict[str, Any]:
     for name in args.variants:
         run = ROOT / run_dir(args, name)
         valid = _metrics(run / "eval" / "metrics.json", f"{name}/valid")
-        if valid is None:
-            continue
         state = trainer_state(run)
+        if valid is None and not state.get("curve"):
+            continue
         rows[name] = {
             "change": VARIANTS[name][0],
             "overrides": VARIANTS[name][1],
@@ -327,6 +327,35 @@ def _params(ckpt: Path) -> dict[str, int] | None:
             for k in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 total += math.prod(st.get_slice(k).get_shape())
     return {"total": total}
+
+
+def selection_by_loss(row: dict[str, Any]) -> dict[str, float] | None:
+    """What selecting on validation loss would have kept, next to selecting on NDCG@10."""
+    ndcg = dict(row.get("curve") or [])
+    loss = {e: v for e, v in row.get("loss_curve") or [] if e in ndcg}
+    if len(loss) < 3:
+        return None
+    loss_epoch = min(loss, key=loss.get)
+    ndcg_epoch = max(ndcg, key=ndcg.get)
+    epochs = sorted(loss)
+
+    def ranks(values: list[float]) -> list[int]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        out = [0] * len(values)
+        for r, i in enumerate(order):
+            out[i] = r
+        return out
+
+    a, b = ranks([-loss[e] for e in epochs]), ranks([ndcg[e] for e in epochs])
+    n = len(epochs)
+    spearman = 1 - 6 * sum((x - y) ** 2 for x, y in zip(a, b, strict=True)) / (n * (n * n - 1))
+    return {
+        "loss_epoch": loss_epoch,
+        "ndcg_at_loss": ndcg[loss_epoch],
+        "ndcg_epoch": ndcg_epoch,
+        "ndcg_best": ndcg[ndcg_epoch],
+        "spearman": spearman,
+    }
 
 
 def _ci(m: dict[str, float] | None) -> str:
@@ -381,6 +410,10 @@ def write_report(args: SweepArgs, rows: dict[str, Any]) -> None:
     ]
     for n in names:
         r = rows[n]
+        if r["valid"] is None:  # stopped before the end: the last in-training evaluation (all users)
+            e, v = r["curve"][-1]
+            lines.append(f"| {n} | {r['change']} | {v:.4f} (not finished: epoch {e:g}) | - | - | - | - |")
+            continue
         mins = f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") else "-"
         params = f"{r['params']['total'] / 1e6:.2f}M" if r.get("params") else "-"
         lines.append(
@@ -390,6 +423,25 @@ def write_report(args: SweepArgs, rows: dict[str, Any]) -> None:
     for key, label in (("popularity/valid", "*Popularity*"), ("sasrec/valid", "*SASRec (CE, tied)*")):
         if key in refs:
             lines.append(f"| {label} | | {_ci(refs[key]['NDCG@10'])} | {_ci(refs[key]['HR@10'])} | | | |")
+    picks = [(n, selection_by_loss(rows[n])) for n in names]
+    picks = [(n, p) for n, p in picks if p]
+    if picks:
+        lines += [
+            "",
+            "## Selecting on validation loss instead (lever 5)",
+            "",
+            "Per run: the checkpoint with the lowest validation loss (2,000 users, a forward pass) against the one "
+            "with the highest NDCG@10 on all validation users (beam search), and Spearman's rank correlation of "
+            "-loss with NDCG@10 over the run's 8 checkpoints.",
+            "",
+            "| variant | best by NDCG@10: epoch (NDCG@10) | best by loss: epoch (NDCG@10) | NDCG@10 lost | Spearman |",
+            "|---|---|---|---|---|",
+        ]
+        for n, p in picks:
+            lines.append(
+                f"| {n} | {p['ndcg_epoch']:g} ({p['ndcg_best']:.4f}) | {p['loss_epoch']:g} ({p['ndcg_at_loss']:.4f}) | "
+                f"{p['ndcg_best'] - p['ndcg_at_loss']:.4f} | {p['spearman']:+.2f} |"
+            )
     finals = [n for n in names if rows[n].get("final") or rows[n].get("test")]
     if finals:
         lines += [
@@ -434,9 +486,10 @@ def _plot(names: list[str], rows: dict[str, Any], refs: dict[str, Any], path: Pa
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 4.8))
-    vals = [rows[n]["valid"]["NDCG@10"] for n in names]
+    done = [n for n in names if rows[n]["valid"]]
+    vals = [rows[n]["valid"]["NDCG@10"] for n in done]
     ax1.bar(
-        range(len(names)),
+        range(len(done)),
         [v["value"] for v in vals],
         yerr=[[v["value"] - v["ci_low"] for v in vals], [v["ci_high"] - v["value"] for v in vals]],
         capsize=3,
@@ -444,7 +497,7 @@ def _plot(names: list[str], rows: dict[str, Any], refs: dict[str, Any], path: Pa
     for key, style in (("popularity/valid", ":"), ("sasrec/valid", "--")):
         if key in refs:
             ax1.axhline(refs[key]["NDCG@10"]["value"], ls=style, color="k", label=key.split("/")[0])
-    ax1.set_xticks(range(len(names)), names, rotation=25, ha="right")
+    ax1.set_xticks(range(len(done)), done, rotation=25, ha="right")
     ax1.set_title("validation NDCG@10 (all users), 95% CI")
     ax1.legend()
     for n in names:

@@ -63,3 +63,17 @@ def test_best_epoch_is_the_best_validation_checkpoint_and_the_final_trains_that_
     assert training.output_dir == str(tmp_path / "final_tiny_e32")
     with pytest.raises(SystemExit, match="no validation curve"):
         best_epoch(args, "wide_e16")
+
+
+def test_selection_by_loss_reports_what_the_loss_would_have_kept():
+    from benchmarks.quality_sweep import selection_by_loss
+
+    row = {
+        "curve": [(2.0, 0.030), (4.0, 0.045), (6.0, 0.050), (8.0, 0.048)],
+        "loss_curve": [(2.0, 3.9), (4.0, 3.6), (6.0, 3.55), (8.0, 3.50)],  # still falling at epoch 8
+    }
+    p = selection_by_loss(row)
+    assert p["loss_epoch"] == 8.0 and p["ndcg_epoch"] == 6.0
+    assert p["ndcg_best"] - p["ndcg_at_loss"] == pytest.approx(0.002)
+    assert p["spearman"] == pytest.approx(0.8)  # ranks of -loss 0,1,2,3 vs NDCG 0,1,3,2
+    assert selection_by_loss({"curve": row["curve"][:2], "loss_curve": row["loss_curve"][:2]}) is None
