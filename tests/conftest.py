@@ -84,6 +84,22 @@ def scientific_dirs(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def scientific_rqvae_dirs(scientific_dirs) -> dict[str, Path]:
+    """The demo's SIDs: RQ-VAE (``sid_tokenizer/configs/scientific_rqvae.yaml``, one thread, ~1 min)
+    on the session's Scientific dataset."""
+    sid = scientific_dirs["root"] / "sid_rqvae"
+    cmd = [
+        sys.executable,
+        "-m",
+        "sid_tokenizer.build",
+        "--config",
+        "sid_tokenizer/configs/scientific_rqvae.yaml",
+    ]
+    run_cmd([*cmd, "--dataset_dir", str(scientific_dirs["dataset"]), "--output_dir", str(sid)], timeout=900)
+    return {**scientific_dirs, "sid": sid}
+
+
+@pytest.fixture(scope="session")
 def tiny_sft(scientific_dirs) -> Path:
     """A tiny default model trained a few steps with the SFT recipe on real Scientific data."""
     out = scientific_dirs["root"] / "sft"
