@@ -460,9 +460,11 @@ def test_start_model_wins_when_no_checkpoint_beats_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_dpo_that_ruins_the_model_returns_the_start_model(tiny_sft, tmp_path):
-    """A destructive learning rate: every DPO checkpoint ranks worse than the SFT model on the
-    rank-eval users, so final/ is the SFT model, bit for bit, and rl_meta.json says so."""
+def test_rl_final_is_the_better_of_start_and_best_checkpoint(tiny_sft, tmp_path):
+    """The start model and every DPO checkpoint are scored on the same rank-eval users; final/ is
+    bit for bit the start model when no checkpoint beat it (ties included), else the best checkpoint,
+    and rl_meta.json records both scores and the choice. (A destructive learning rate; the 6-step
+    fixture model is weak enough that either branch can happen, so the test checks the one taken.)"""
     from safetensors.torch import load_file
 
     out = tmp_path / "dpo"
@@ -471,14 +473,22 @@ def test_dpo_that_ruins_the_model_returns_the_start_model(tiny_sft, tmp_path):
         "--model_name_or_path", str(tiny_sft / "final"), "--output_dir", str(out),
         "--num_train_prompts", "24", "--eval_prompts", "8", "--num_negatives", "2", "--mining_beams", "5",
         "--per_device_train_batch_size", "8", "--learning_rate", "0.5", "--max_steps", "4",
-        "--eval_steps", "2", "--save_steps", "2", "--rank_eval_users", "300", "--report_to", "none",
+        "--eval_steps", "2", "--save_steps", "2", "--save_total_limit", "3", "--rank_eval_users", "300",
+        "--report_to", "none",
     ]  # fmt: skip
     run_cmd(cmd)
     meta = json.loads((out / "rl_meta.json").read_text())["selection"]
     start = json.loads((out / "start_metrics.json").read_text())
-    assert meta["start"] == start and start["eval_NDCG@10"] > 0
-    assert meta["best_metric"] < start["eval_NDCG@10"] and meta["final"] == "start"
-    a = load_file(tiny_sft / "final" / "model.safetensors")
+    assert meta["start"] == start and meta["metric"] == "eval_NDCG@10"
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    scores = [r["eval_NDCG@10"] for r in state["log_history"] if "eval_NDCG@10" in r]
+    assert len(scores) == 2 and meta["best_metric"] == max(scores)
+    keep_start = meta["best_metric"] <= start["eval_NDCG@10"]
+    assert meta["final"] == ("start" if keep_start else "trained")
+    source = tiny_sft / "final" if keep_start else Path(meta["best_checkpoint"])
+    if not source.is_absolute():
+        source = ROOT / source
+    a = load_file(source / "model.safetensors")
     b = load_file(out / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (out / "final" / "sidrec" / "items.jsonl").exists()
