@@ -396,8 +396,8 @@ def write_report(args: SweepArgs, rows: dict[str, Any]) -> None:
         "# Quality sweep on Scientific: one change at a time, selected on all validation users",
         "",
         f"Generated {meta['generated']} by `{meta['command']}` at commit {commit[:12]} on "
-        f"{describe_machine(info)}. Each stage ran with {args.threads} OpenMP thread(s); variants ran two at a "
-        "time, so the minutes are shared-machine wall time.",
+        f"{describe_machine(info)}. Each stage ran with {args.threads} OpenMP thread(s), side by side with other "
+        "runs, so the minutes are shared-machine wall time (the notes say what shared the machine).",
         "",
         f"Base recipe `{args.sft_config}`: the tiny offline default decoder, RQ-VAE 3x256 SIDs, seq2seq task "
         "only, SID-restricted loss, batch 32, lr 3e-3 cosine, 16 epochs, seed 42; validation NDCG@10 on all "
