@@ -27,7 +27,6 @@ killed training resumes from its last checkpoint. Writes ``docs/results/quality_
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import json
 import logging
 import math
@@ -47,7 +46,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import describe_machine, machine_info  # noqa: E402
-from data_prep.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from data_prep.io import atomic_save_figure, atomic_write_json, atomic_write_text, read_json  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -506,11 +505,7 @@ def _plot(names: list[str], rows: dict[str, Any], refs: dict[str, Any], path: Pa
     ax2.set_xlabel("epoch")
     ax2.set_title("validation NDCG@10 during training (all users)")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

@@ -58,7 +58,13 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from benchmarks.common import describe_machine, machine_info  # noqa: E402
-from data_prep.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from data_prep.io import (  # noqa: E402
+    atomic_save_figure,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -634,11 +640,7 @@ def _plot(qs: list[str], rows: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("epoch")
     ax.set_title("validation NDCG@10 during training (500 users)")
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

@@ -63,6 +63,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _atomic_replace(Path(path), lambda fh: fh.write(data))
 
 
+def atomic_save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Render a matplotlib figure to PNG, close it, and write the file atomically."""
+    import io as _io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_prep.io import DataError, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from data_prep.io import DataError, atomic_save_figure, atomic_write_json, atomic_write_text, read_json
 from data_prep.provenance import run_info
 
 _AT_K = re.compile(r"^(?P<family>[A-Za-z_]+)@(?P<k>\d+)$")
@@ -108,7 +108,6 @@ def plot_metrics(
     import matplotlib
 
     matplotlib.use("Agg")
-    import io
 
     import matplotlib.pyplot as plt
 
@@ -150,11 +149,7 @@ def plot_metrics(
                 ticks = sorted({int(x) for ln in ax.lines for x in ln.get_xdata()})
                 ax.set_xticks(ticks, [str(t) for t in ticks])
                 ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_figure(fig, path, dpi=120)
 
 
 def write_metrics_report(

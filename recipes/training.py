@@ -13,7 +13,6 @@ from its last complete checkpoint; ``final/`` only ever exists complete (``save_
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from data_prep.io import atomic_write_bytes
+from data_prep.io import atomic_save_figure, atomic_write_bytes
 from sid_tokenizer.catalog import copy_catalogue
 
 logger = logging.getLogger(__name__)
@@ -135,12 +134,8 @@ def plot_training_curves(log_history: list[dict], path: str | Path, title: str =
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())  # a kill while saving never leaves a truncated PNG
+    atomic_save_figure(fig, path)  # a kill while saving never leaves a truncated PNG
 
 
 def save_final_model(trainer, path: str | Path) -> None:

@@ -7,13 +7,12 @@ draws the sorted code-usage curve of each level (a flat curve is a balanced code
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data_prep.io import atomic_write_bytes
+from data_prep.io import atomic_save_figure
 from sid_tokenizer.sid import LEVEL_PREFIXES
 
 
@@ -69,8 +68,4 @@ def plot_usage(codes: np.ndarray, level_sizes: tuple[int, ...], path: str | Path
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_figure(fig, path, dpi=100)
