@@ -127,3 +127,27 @@ def parse_sft_recipe(path: str | Path, *overrides: str) -> tuple[SidSFTArgs, SFT
 
     parser = TrlParser((SidSFTArgs, SFTConfig, ModelConfig))
     return tuple(parser.parse_args_and_config(["--config", str(path), *overrides]))
+
+
+def stage_env(threads: int, root: Path, **extra: str) -> dict[str, str]:
+    """Environment of a benchmark's stage subprocess: ``threads`` OpenMP/MKL threads, no tokenizer
+    threads, ``root`` first on ``PYTHONPATH`` (the caller's entries kept), plus ``extra``."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        **extra,
+    }
+
+
+def evaluate_cmd(
+    config: str | Path, checkpoint: str | Path, splits: list[str], model_name: str, output_dir: str | Path
+) -> list[str]:
+    """``python -m eval.evaluate`` of ``checkpoint`` on ``splits`` (constrained beam search only)."""
+    import sys
+
+    cmd = [sys.executable, "-m", "eval.evaluate", "--config", str(config), "--checkpoint", str(checkpoint)]
+    cmd += ["--splits", *splits, "--also_unconstrained", "false"]
+    return cmd + ["--model_name", model_name, "--output_dir", str(output_dir)]

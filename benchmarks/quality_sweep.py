@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import describe_machine, machine_info  # noqa: E402
+from benchmarks.common import describe_machine, evaluate_cmd, machine_info, stage_env  # noqa: E402
 from data_prep.io import atomic_save_figure, atomic_write_json, atomic_write_text, read_json  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -129,32 +129,10 @@ def train_cmd(args: SweepArgs, name: str, extra: list[str] | None = None) -> lis
 
 
 def eval_cmd(args: SweepArgs, checkpoint: Path, splits: list[str], name: str, out: Path) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "eval.evaluate",
-        "--config",
-        args.eval_config,
-        "--checkpoint",
-        str(checkpoint),
+    return evaluate_cmd(args.eval_config, checkpoint, splits, name, out) + [
+        "--baselines_json",
+        args.baselines_json,
     ]
-    cmd += ["--splits", *splits, "--also_unconstrained", "false", "--model_name", name]
-    return cmd + ["--output_dir", str(out), "--baselines_json", args.baselines_json]
-
-
-def _complete_model(path: Path) -> bool:
-    return (path / "config.json").exists() and (path / "sidrec" / "meta.json").exists()
-
-
-def _env(args: SweepArgs) -> dict[str, str]:
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": str(args.threads),
-        "MKL_NUM_THREADS": str(args.threads),
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-    }
 
 
 def _run(args: SweepArgs, name: str, stage: str, cmd: list[str], done: Path) -> None:
@@ -168,7 +146,8 @@ def _run(args: SweepArgs, name: str, stage: str, cmd: list[str], done: Path) -> 
     logger.info("%s %s: %s >> %s", name, stage, " ".join(cmd[1:]), log)
     t0 = time.time()
     with open(log, "a") as fh:
-        rc = subprocess.run(cmd, cwd=ROOT, env=_env(args), stdout=fh, stderr=subprocess.STDOUT).returncode
+        env = stage_env(args.threads, ROOT, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
     seconds = time.time() - t0
     if rc != 0 or not done.exists():
         raise SystemExit(f"{name} {stage} failed (exit status {rc}) after {seconds:.0f} s; see {log}")
@@ -212,13 +191,16 @@ def run_variant(args: SweepArgs, name: str) -> None:
     )
 
 
+def _best_epoch(curve: list[tuple[float, float]]) -> int:
+    return int(round(max(curve, key=lambda p: p[1])[0]))
+
+
 def best_epoch(args: SweepArgs, name: str) -> int:
     """The epoch whose checkpoint the sweep run kept (best validation NDCG@10 on all users)."""
-    state = trainer_state(run_dir(args, name))
-    curve = state.get("curve") or []
+    curve = trainer_state(run_dir(args, name)).get("curve")
     if not curve:
         raise SystemExit(f"{run_dir(args, name)}: no validation curve; run the variant first")
-    return int(round(max(curve, key=lambda p: p[1])[0]))
+    return _best_epoch(curve)
 
 
 def final_overrides(epochs: int) -> list[str]:
@@ -300,7 +282,7 @@ def collect(args: SweepArgs) -> dict[str, Any]:
             "overrides": VARIANTS[name][1],
             "valid": valid,
             "test": _metrics(run / "test" / "metrics.json", f"{name}/test"),
-            "best_epoch": best_epoch(args, name) if state.get("curve") else None,
+            "best_epoch": _best_epoch(state["curve"]) if state.get("curve") else None,
             **state,
             "train_seconds": _seconds(run, "train"),
             "eval_seconds": _seconds(run, "eval"),
@@ -314,7 +296,7 @@ def collect(args: SweepArgs) -> dict[str, Any]:
 
 
 def _params(ckpt: Path) -> dict[str, int] | None:
-    """Parameters of a checkpoint: total, and the rows of the SID tokens (input + output)."""
+    """Parameters of a checkpoint (all tensors of its safetensors files)."""
     cfg_path = ckpt / "config.json"
     if not cfg_path.exists():
         return None

@@ -57,7 +57,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from benchmarks.common import describe_machine, machine_info  # noqa: E402
+from benchmarks.common import describe_machine, evaluate_cmd, machine_info, stage_env  # noqa: E402
 from data_prep.io import (  # noqa: E402
     atomic_save_figure,
     atomic_write_bytes,
@@ -176,17 +176,7 @@ def train_cmd(args: AblationArgs, q: str) -> list[str]:
 
 def eval_cmd(args: AblationArgs, q: str) -> list[str]:
     run = f"{args.output_root}/{q}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "eval.evaluate",
-        "--config",
-        args.eval_config,
-        "--checkpoint",
-        f"{run}/final",
-    ]
-    cmd += ["--splits", "valid", "test", "--also_unconstrained", "false"]
-    return cmd + ["--model_name", q, "--output_dir", f"{run}/eval"]
+    return evaluate_cmd(args.eval_config, f"{run}/final", ["valid", "test"], q, f"{run}/eval")
 
 
 def per_user_cmd(args: AblationArgs, q: str) -> list[str]:
@@ -280,13 +270,7 @@ def _record_time(args: AblationArgs, q: str, stage: str, seconds: float, cmd: li
 
 def run_variant(args: AblationArgs, q: str) -> None:
     """Run the pending stages of ``q`` one after another; stop at the first that fails."""
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(args.threads),
-        "MKL_NUM_THREADS": str(args.threads),
-        "TOKENIZERS_PARALLELISM": "false",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-    }
+    env = stage_env(args.threads, ROOT)
     logs = Path(args.output_root) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     todo = pending_stages(args, q)

@@ -13,7 +13,6 @@ same command resumes from the last complete checkpoint (``recipes.training``).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -94,24 +93,21 @@ def main(script_args: RLScriptArgs, training_args: GRPOConfig | DPOConfig, model
         train_ds, eval_ds = dpo_pairs(out, training_args, model, tokenizer, index, train_rows, eval_rows, a)
         trainer = SidDPOTrainer(train_dataset=train_ds, eval_dataset=eval_ds, **common)
 
-    atomic_write_json(
-        out / "rl_meta.json",
-        {
-            "stage": "recipes.rl",
-            "sft_checkpoint": str(sft.resolve()),
-            "dataset_dir": str(Path(dataset_dir).resolve()),
-            "script_args": asdict(a),
-            "train_prompts": len(train_rows),
-            "eval_prompts": len(eval_rows),
-            **run_info(),
-        },
-    )
+    meta = {
+        "stage": "recipes.rl",
+        "sft_checkpoint": str(sft.resolve()),
+        "dataset_dir": str(Path(dataset_dir).resolve()),
+        "script_args": asdict(a),
+        "train_prompts": len(train_rows),
+        "eval_prompts": len(eval_rows),
+        **run_info(),
+    }
+    atomic_write_json(out / "rl_meta.json", meta)
     start = start_metrics(trainer, out) if a.keep_start_if_better else None
     train_or_finish(trainer, last, done)
     selection = save_final_or_start(trainer, tokenizer, sft, out / "final", start)
     if trainer.accelerator.is_main_process:
-        meta = {**json.loads((out / "rl_meta.json").read_text()), "selection": selection}
-        atomic_write_json(out / "rl_meta.json", meta)
+        atomic_write_json(out / "rl_meta.json", {**meta, "selection": selection})
         plot_training_curves(trainer.state.log_history, out / "training_curves.png", title=title)
     logger.info("saved %s", out / "final")
 
