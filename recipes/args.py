@@ -43,6 +43,17 @@ class SidSFTArgs:
             "help": "softmax over the label's SID level only at SID positions (recipes.sid_loss); text keeps the full vocabulary"
         },
     )
+    untie_word_embeddings: bool = field(
+        default=False,
+        metadata={"help": "give a tied model its own output layer (a copy of the embeddings) before training"},
+    )
+    embedding_dropout: float = field(
+        default=0.0, metadata={"help": "training-only dropout on the token embeddings"}
+    )
+    residual_dropout: float = field(
+        default=0.0,
+        metadata={"help": "training-only dropout on each attention/MLP branch output (Qwen2 has none)"},
+    )
 
 
 @dataclass

@@ -121,6 +121,52 @@ def build_default_model(dataset: RecDataset, preset: str = "small", seed: int = 
     return model, tokenizer
 
 
+def untie_word_embeddings(model) -> bool:
+    """Give ``model`` an output layer of its own, initialised as a copy of the (tied) input
+    embeddings; ``config.tie_word_embeddings`` is turned off so the copy is saved and reloaded as a
+    separate matrix (HF and vLLM read that flag). Returns False when the model was not tied."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or head.weight is not emb.weight:
+        return False
+    head.weight = torch.nn.Parameter(emb.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    text_config = getattr(model.config, "get_text_config", lambda: None)()
+    if text_config is not None:
+        text_config.tie_word_embeddings = False
+    return True
+
+
+def add_training_dropout(model, embedding: float = 0.0, residual: float = 0.0) -> list:
+    """Dropout active only in training mode, added with forward hooks (nothing in the saved
+    checkpoint changes, inference is untouched): ``embedding`` on the token embeddings, ``residual``
+    on each attention and MLP branch before it joins the residual stream (``self_attn.o_proj`` /
+    ``mlp.down_proj``, the Llama/Qwen/Mistral names; SASRec's dropout placement). Qwen2 has
+    attention-probability dropout only. Returns the hook handles."""
+    import torch.nn.functional as F
+
+    for name, p in (("embedding_dropout", embedding), ("residual_dropout", residual)):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"{name}={p} must be in [0, 1)")
+
+    def hook(p: float):
+        return lambda module, args, out: F.dropout(out, p, training=module.training)
+
+    handles = []
+    if embedding > 0:
+        handles.append(model.get_input_embeddings().register_forward_hook(hook(embedding)))
+    if residual > 0:
+        branches = [
+            m for n, m in model.named_modules() if n.endswith(("self_attn.o_proj", "mlp.down_proj"))
+        ]
+        if not branches:
+            raise ValueError(
+                f"residual_dropout: {type(model).__name__} has no self_attn.o_proj / mlp.down_proj "
+                "modules (Llama/Qwen/Mistral layout); leave residual_dropout at 0 for this model"
+            )
+        handles += [m.register_forward_hook(hook(residual)) for m in branches]
+    return handles
+
+
 def check_causal_lm(model_name_or_path: str, trust_remote_code: bool = False):
     """The ``AutoConfig`` of ``model_name_or_path`` if it names a decoder-only causal LM, else a
     ValueError naming the model and what it is (an encoder, an encoder-decoder, no LM head)."""

@@ -19,7 +19,7 @@ from trl import ModelConfig, SFTConfig, TrlParser, get_peft_config, get_quantiza
 
 from data_prep.dataset import RecDataset
 from recipes.args import SidSFTArgs
-from recipes.model import prepare_base_checkpoint
+from recipes.model import add_training_dropout, prepare_base_checkpoint, untie_word_embeddings
 from recipes.sft_trainer import SidSFTTrainer, trainable_sid_rows_only
 from recipes.sid_loss import SidLevels
 from recipes.tasks import build_mixture, eval_rows, tokenize_rows
@@ -83,8 +83,11 @@ def main(script_args: SidSFTArgs, training_args: SFTConfig, model_args: ModelCon
         attn_implementation=model_args.attn_implementation,
         quantization_config=quantization_config,
     )
+    if script_args.untie_word_embeddings and untie_word_embeddings(model):
+        logger.info("untied the output layer from the input embeddings")
     if script_args.train_only_sid_embeddings:
         trainable_sid_rows_only(model, tokenizer, index.vocab)
+    add_training_dropout(model, script_args.embedding_dropout, script_args.residual_dropout)
 
     rows = build_mixture(
         dataset,

@@ -26,7 +26,15 @@ def test_every_variant_parses_and_changes_only_what_it_says(name: str, tmp_path:
     assert training.output_dir == str(tmp_path / name)
     changed = {
         k
-        for k in ("model_preset", "tasks", "sid_restricted_loss", "sid_dir")
+        for k in (
+            "model_preset",
+            "tasks",
+            "sid_restricted_loss",
+            "sid_dir",
+            "untie_word_embeddings",
+            "embedding_dropout",
+            "residual_dropout",
+        )
         if getattr(script, k) != getattr(base_script, k)
     }
     changed |= {
