@@ -45,7 +45,9 @@ class SidSFTArgs:
     )
     untie_word_embeddings: bool = field(
         default=False,
-        metadata={"help": "give a tied model its own output layer (a copy of the embeddings) before training"},
+        metadata={
+            "help": "give a tied model its own output layer (a copy of the embeddings) before training"
+        },
     )
     embedding_dropout: float = field(
         default=0.0, metadata={"help": "training-only dropout on the token embeddings"}

@@ -155,9 +155,7 @@ def add_training_dropout(model, embedding: float = 0.0, residual: float = 0.0) -
     if embedding > 0:
         handles.append(model.get_input_embeddings().register_forward_hook(hook(embedding)))
     if residual > 0:
-        branches = [
-            m for n, m in model.named_modules() if n.endswith(("self_attn.o_proj", "mlp.down_proj"))
-        ]
+        branches = [m for n, m in model.named_modules() if n.endswith(("self_attn.o_proj", "mlp.down_proj"))]
         if not branches:
             raise ValueError(
                 f"residual_dropout: {type(model).__name__} has no self_attn.o_proj / mlp.down_proj "
