@@ -78,10 +78,6 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "dropout 0.1 (embeddings and branches) and 32 epochs: dropout needs more steps",
         ["--embedding_dropout", "0.1", "--residual_dropout", "0.1", "--num_train_epochs", "32"],
     ),
-    "tiny_e16_drop0.2": (
-        "training-only dropout 0.2 on the embeddings and on each attention/MLP branch",
-        ["--embedding_dropout", "0.2", "--residual_dropout", "0.2"],
-    ),
     # the SID-source ablation: the same recipe on RQ-VAE SIDs of other item embeddings
     "sid_behaviour": (
         "SIDs from behaviour embeddings (PPMI-SVD of the training sequences, 64-d) instead of text",

