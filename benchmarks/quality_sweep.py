@@ -53,12 +53,17 @@ logger = logging.getLogger(__name__)
 # name -> (what changes, CLI overrides of the base recipe). One change at a time from tiny_e16.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "tiny_e16": ("base recipe: tiny (128 x 2 layers), lr 3e-3 cosine, 16 epochs", []),
+    "tiny_e16_seed1": (
+        "the base recipe with seed 1 (init and data order): the run-to-run spread",
+        ["--seed", "1"],
+    ),
     "tiny_e16_full_loss": (
         "full-vocabulary softmax instead of the SID-restricted loss",
         ["--sid_restricted_loss", "false"],
     ),
     "tiny_e32": ("32 epochs", ["--num_train_epochs", "32"]),
     "wide_e16": ("wider: 256 x 2 layers (4 heads)", ["--model_preset", "wide"]),
+    "deep_e16": ("deeper: 128 x 4 layers (the deep preset)", ["--model_preset", "deep"]),
     "small_e16": ("wider and deeper: 256 x 4 layers (the small preset)", ["--model_preset", "small"]),
     "tiny_e16_lr1e-3": ("learning rate 1e-3", ["--learning_rate", "1e-3"]),
     "tiny_e16_align": (
@@ -83,6 +88,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "SIDs from behaviour embeddings (PPMI-SVD of the training sequences, 64-d) instead of text",
         ["--sid_dir", "outputs/scientific/sid_rqvae_behaviour"],
     ),
+    "sid_rqvae_64": (
+        "RQ-VAE 3 x 64 codes instead of 3 x 256 (4,344 items: each code shared by more items)",
+        ["--sid_dir", "outputs/scientific/sid_rqvae_64"],
+    ),
+    "sid_rqvae_128": (
+        "RQ-VAE 3 x 128 codes instead of 3 x 256",
+        ["--sid_dir", "outputs/scientific/sid_rqvae_128"],
+    ),
     "sid_fused": (
         "SIDs from text + behaviour embeddings fused (L2-normalised, concatenated, behaviour weight 0.5)",
         ["--sid_dir", "outputs/scientific/sid_rqvae_fused"],
@@ -92,6 +105,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 SID_BUILDS: dict[str, list[str]] = {
     "outputs/scientific/sid_rqvae_behaviour": ["--embedding_source", "behaviour", "--behaviour_dim", "64"],
     "outputs/scientific/sid_rqvae_fused": ["--embedding_source", "fused", "--behaviour_weight", "0.5"],
+    "outputs/scientific/sid_rqvae_64": ["--codebook_size", "64"],
+    "outputs/scientific/sid_rqvae_128": ["--codebook_size", "128"],
 }
 SID_CONFIG = "sid_tokenizer/configs/scientific_rqvae.yaml"
 METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "valid_rate")

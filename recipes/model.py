@@ -43,6 +43,8 @@ class ModelPreset:
 PRESETS: dict[str, ModelPreset] = {
     # ~1.5M parameters plus embeddings: trains in minutes on 2 CPU cores
     "tiny": ModelPreset(128, 2, 2, 2, 384, 2048),
+    # the tiny width at the small depth: the quality sweep's "deeper" variant
+    "deep": ModelPreset(128, 4, 2, 2, 384, 2048),
     # the tiny depth at the small width: the quality sweep's "wider" variant
     "wide": ModelPreset(256, 2, 4, 2, 768, 2048),
     # ~5M parameters

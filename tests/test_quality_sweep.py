@@ -38,7 +38,9 @@ def test_every_variant_parses_and_changes_only_what_it_says(name: str, tmp_path:
         if getattr(script, k) != getattr(base_script, k)
     }
     changed |= {
-        k for k in ("num_train_epochs", "learning_rate") if getattr(training, k) != getattr(base_training, k)
+        k
+        for k in ("num_train_epochs", "learning_rate", "seed")
+        if getattr(training, k) != getattr(base_training, k)
     }
     flags = {o.lstrip("-").removeprefix("config_") for o in VARIANTS[name][1] if o.startswith("--")}
     assert changed == flags, (name, changed, flags)
