@@ -508,12 +508,13 @@ def _plot(names: list[str], rows: dict[str, Any], refs: dict[str, Any], path: Pa
     ax1.set_xticks(range(len(done)), done, rotation=25, ha="right")
     ax1.set_title("validation NDCG@10 (all users), 95% CI")
     ax1.legend()
-    for n in names:
+    for i, n in enumerate(names):  # 20 distinct colours, then another line style: no two runs alike
         if rows[n].get("curve"):
-            ax2.plot(*zip(*rows[n]["curve"], strict=True), marker=".", label=n)
+            style = {"color": plt.cm.tab20(i % 20), "linestyle": ("-", "--", ":")[i // 20 % 3]}
+            ax2.plot(*zip(*rows[n]["curve"], strict=True), marker=".", label=n, **style)
     ax2.set_xlabel("epoch")
     ax2.set_title("validation NDCG@10 during training (all users)")
-    ax2.legend(fontsize=8)
+    ax2.legend(fontsize=7, ncol=2, loc="lower right")
     atomic_save_figure(fig, path, dpi=110)
 
 
