@@ -34,6 +34,31 @@ def run_cmd(args: list[str], cwd: Path = ROOT, timeout: int = 1200) -> subproces
     return proc
 
 
+# recipes/sft.py overrides for a run that only trains: no ranking, no eval, no best-model reload, no logs
+TRAIN_ONLY = [
+    "--rank_eval_users",
+    "0",
+    "--eval_strategy",
+    "no",
+    "--load_best_model_at_end",
+    "false",
+    "--report_to",
+    "none",
+]
+
+
+def tiny_qwen2(vocab_size: int, seed: int = 0, **config):
+    """A randomly initialised Qwen2 causal LM small enough for unit tests (tied embeddings unless
+    ``tie_word_embeddings=False``); ``config`` overrides the shape."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    shape |= dict(intermediate_size=64, tie_word_embeddings=True) | config
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, **shape))
+
+
 def demo_sft_cmd(dirs: dict[str, Path], output_dir: Path) -> list[str]:
     """``python recipes/sft.py`` with the demo recipe on the session's Scientific dataset / SIDs
     into ``output_dir``; tests append their own overrides."""

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from recipes.model import add_training_dropout, untie_word_embeddings
-from tests.conftest import demo_sft_cmd, run_cmd
+from tests.conftest import TRAIN_ONLY, demo_sft_cmd, run_cmd, tiny_qwen2
 
 
-def _qwen(tied: bool = True) -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=97,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        tie_word_embeddings=tied,
-    )
-    return Qwen2ForCausalLM(config)
+def _qwen() -> torch.nn.Module:
+    return tiny_qwen2(97, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, intermediate_size=128)
 
 
 def test_untie_gives_an_independent_output_layer_that_survives_save_and_load(tmp_path):
@@ -85,14 +75,7 @@ def test_sft_with_untied_head_and_dropout_saves_a_servable_untied_model(scientif
             *demo_sft_cmd(scientific_dirs, out),
             "--max_steps",
             "6",
-            "--rank_eval_users",
-            "0",
-            "--eval_strategy",
-            "no",
-            "--load_best_model_at_end",
-            "false",
-            "--report_to",
-            "none",
+            *TRAIN_ONLY,
             "--per_device_train_batch_size",
             "8",
             "--untie_word_embeddings",

@@ -14,7 +14,7 @@ from sid_tokenizer.catalog import load_checkpoint
 from sid_tokenizer.constrained import SidLogitsProcessor
 from sid_tokenizer.prompts import seq2seq_prompt
 from sid_tokenizer.vocab import sid_token_ids
-from tests.conftest import demo_sft_cmd, run_cmd
+from tests.conftest import TRAIN_ONLY, demo_sft_cmd, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -145,14 +145,7 @@ def test_lora_with_new_sid_rows(scientific_dirs, tmp_path):
             *demo_sft_cmd(scientific_dirs, out),
             "--max_steps",
             "2",
-            "--rank_eval_users",
-            "0",
-            "--eval_strategy",
-            "no",
-            "--load_best_model_at_end",
-            "false",
-            "--report_to",
-            "none",
+            *TRAIN_ONLY,
             "--use_peft",
             "true",
             "--lora_r",

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from recipes.sid_loss import SidLevels, sid_restricted_loss
+from tests.conftest import tiny_qwen2
 
 V, H = 40, 6
 # three levels: two contiguous ranges and one scattered set of ids (tokens added out of order)
@@ -105,21 +106,9 @@ def test_bad_inputs_are_named():
 def test_patched_model_forward_matches_masked_logits_of_the_model():
     """``add_sid_loss_forward`` on a real (tiny, random) Qwen2 causal LM: same loss and gradients as
     the model's own logits with the other levels masked, and an unchanged forward without the flag."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     from recipes.sid_loss import add_sid_loss_forward
 
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=V,
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        tie_word_embeddings=True,
-    )
-    model = Qwen2ForCausalLM(config).double()
+    model = tiny_qwen2(V).double()
     _, _, _, labels = random_case(5, False)
     input_ids = labels.clamp(min=0)
     attention_mask = torch.ones_like(input_ids)
