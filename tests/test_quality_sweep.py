@@ -87,3 +87,21 @@ def test_selection_by_loss_reports_what_the_loss_would_have_kept():
     assert p["ndcg_best"] - p["ndcg_at_loss"] == pytest.approx(0.002)
     assert p["spearman"] == pytest.approx(0.8)  # ranks of -loss 0,1,2,3 vs NDCG 0,1,3,2
     assert selection_by_loss({"curve": row["curve"][:2], "loss_curve": row["loss_curve"][:2]}) is None
+
+
+def test_retraining_sequences_are_the_test_histories_and_hold_no_test_target(scientific_dirs):
+    """The final models' data (``include_valid_in_train``) on real Scientific data: each user's
+    training sequence is exactly the history the test split reads, ending with the validation
+    target, and never the test target; without the flag it is the validation history."""
+    from data_prep.dataset import RecDataset
+    from recipes.tasks import training_sequences
+
+    ds = RecDataset.load(scientific_dirs["dataset"])
+    valid = {e.user_id: e for e in ds.valid}
+    test = {e.user_id: e for e in ds.test}
+    with_valid, without = training_sequences(ds, True), training_sequences(ds, False)
+    assert len(with_valid) == len(test) == ds.num_users
+    for u, seq in enumerate(with_valid):
+        assert seq == list(test[u].history) and seq[-1] == valid[u].target
+        assert without[u] == list(valid[u].history)
+        assert test[u].target not in seq[len(without[u]) :]  # only the validation target was added
