@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -146,8 +147,6 @@ def evaluate_cmd(
     config: str | Path, checkpoint: str | Path, splits: list[str], model_name: str, output_dir: str | Path
 ) -> list[str]:
     """``python -m eval.evaluate`` of ``checkpoint`` on ``splits`` (constrained beam search only)."""
-    import sys
-
     cmd = [sys.executable, "-m", "eval.evaluate", "--config", str(config), "--checkpoint", str(checkpoint)]
     cmd += ["--splits", *splits, "--also_unconstrained", "false"]
     return cmd + ["--model_name", model_name, "--output_dir", str(output_dir)]

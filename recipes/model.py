@@ -132,9 +132,7 @@ def untie_word_embeddings(model) -> bool:
         return False
     head.weight = torch.nn.Parameter(emb.weight.detach().clone())
     model.config.tie_word_embeddings = False
-    text_config = getattr(model.config, "get_text_config", lambda: None)()
-    if text_config is not None:
-        text_config.tie_word_embeddings = False
+    model.config.get_text_config().tie_word_embeddings = False  # the same object unless multimodal
     return True
 
 

@@ -53,8 +53,15 @@ def tiny_qwen2(vocab_size: int, seed: int = 0, **config):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    shape = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
-    shape |= dict(intermediate_size=64, tie_word_embeddings=True) | config
+    shape = {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 64,
+        "tie_word_embeddings": True,
+        **config,
+    }
     torch.manual_seed(seed)
     return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, **shape))
 
