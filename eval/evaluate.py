@@ -54,6 +54,14 @@ class EvalArgs:
             "help": "sid_beam | hf (transformers generate) | vllm (vllm.LLM, batch_size prompts per engine call)"
         },
     )
+    ensemble: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "more checkpoints (same tokenizer and sid_dir) ranked together with --checkpoint: "
+            "one beam search over their averaged next-token distributions (eval/ensemble.py)"
+        },
+    )
+    ensemble_mode: str = field(default="prob", metadata={"help": "prob (mixture) | logprob (product)"})
     device: str | None = None
     n_boot: int = 1000
     seed: int = 0
@@ -74,6 +82,17 @@ def evaluate_checkpoint(args: EvalArgs) -> dict[str, dict[str, Any]]:
         ranker = VllmSidRanker(
             load_vllm(args.checkpoint, num_beams=args.num_beams, seed=args.seed), tokenizer, catalogue.index
         )
+    elif args.ensemble:
+        from eval.ensemble import EnsembleLM, check_members
+
+        if args.backend != "sid_beam":
+            raise ValueError(f"--ensemble ranks with backend sid_beam only, not {args.backend!r}")
+        paths = [args.checkpoint, *args.ensemble]
+        loaded = [load_checkpoint(p, device=args.device) for p in paths]
+        check_members(paths, [t for _, t, _ in loaded], [c for _, _, c in loaded])
+        _, tokenizer, catalogue = loaded[0]
+        model = EnsembleLM([m for m, _, _ in loaded], mode=args.ensemble_mode)
+        ranker = SidRanker(model, tokenizer, catalogue.index)
     else:
         model, tokenizer, catalogue = load_checkpoint(args.checkpoint, device=args.device)
         ranker = SidRanker(model, tokenizer, catalogue.index)
@@ -108,6 +127,11 @@ def evaluate_checkpoint(args: EvalArgs) -> dict[str, dict[str, Any]]:
             "users_per_second": round(len(examples) / seconds, 2),
             "num_beams": args.num_beams,
             "checkpoint": args.checkpoint,
+            **(
+                {"ensemble": [args.checkpoint, *args.ensemble], "ensemble_mode": args.ensemble_mode}
+                if args.ensemble
+                else {}
+            ),
             "constrained_validity": res["valid_rate"],
             "distinct_items_per_list": _distinct_share(res["ranking"].sids),
         }
