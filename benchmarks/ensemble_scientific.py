@@ -62,6 +62,7 @@ class EnsembleArgs:
     output_root: str = "outputs/ensemble"
     report_dir: str = "docs/results"
     baselines_json: str = "docs/results/baselines_scientific.json"
+    sasrec_retrain_json: str = "docs/results/baselines_scientific_sasrec_retrain.json"
     report_only: bool = False
 
 
@@ -78,26 +79,42 @@ def variant_overrides(variant: str) -> list[str]:
     return out
 
 
-def train(args: EnsembleArgs, kind: str, seed: int) -> Path:
-    """``kind`` train (training targets) or retrain (train + validation targets); the model dir."""
-    name = f"{kind}_s{seed}"
-    run = Path(args.output_root) / name
+def train_cmd(args: EnsembleArgs, kind: str, seed: int) -> list[str]:
+    """``kind`` train (training targets) or retrain (train + validation targets): the sft.py command."""
+    run = Path(args.output_root) / f"{kind}_s{seed}"
     cmd = [sys.executable, "recipes/sft.py", "--config", args.sft_config, "--output_dir", str(run)]
     cmd += [*variant_overrides(args.variant), "--num_train_epochs", str(args.epochs), "--seed", str(seed)]
     cmd += ["--eval_strategy", "no", "--save_strategy", "epoch", "--load_best_model_at_end", "false"]
     cmd += ["--rank_eval_users", "0", "--save_total_limit", "1"]
-    cmd += ["--include_valid_in_train", "true" if kind == "retrain" else "false"]
-    _run(_sweep_args(args), name, "train", cmd, run / "final" / "sidrec" / "meta.json")
+    return cmd + ["--include_valid_in_train", "true" if kind == "retrain" else "false"]
+
+
+def train(args: EnsembleArgs, kind: str, seed: int) -> Path:
+    """Run (or skip, when complete) one training stage; the model dir."""
+    run = Path(args.output_root) / f"{kind}_s{seed}"
+    _run(
+        _sweep_args(args),
+        run.name,
+        "train",
+        train_cmd(args, kind, seed),
+        run / "final" / "sidrec" / "meta.json",
+    )
     return run / "final"
 
 
-def evaluate(args: EnsembleArgs, name: str, models: list[Path], split: str, mode: str = "prob") -> Path:
+def eval_cmd(args: EnsembleArgs, name: str, models: list[Path], split: str, mode: str = "prob") -> list[str]:
+    """``eval.evaluate`` of one model, or of several as one ensemble in ``mode``."""
     out = Path(args.output_root) / "eval" / f"{name}_{split}"
     cmd = evaluate_cmd(args.eval_config, models[0], [split], name, out)
     if len(models) > 1:
         cmd += ["--ensemble", *map(str, models[1:]), "--ensemble_mode", mode]
-    _run(_sweep_args(args), name, f"eval_{split}", cmd, out / "metrics.json")
-    return out / "metrics.json"
+    return cmd
+
+
+def evaluate(args: EnsembleArgs, name: str, models: list[Path], split: str, mode: str = "prob") -> Path:
+    metrics = Path(args.output_root) / "eval" / f"{name}_{split}" / "metrics.json"
+    _run(_sweep_args(args), name, f"eval_{split}", eval_cmd(args, name, models, split, mode), metrics)
+    return metrics
 
 
 def _metrics(path: Path, key: str) -> dict[str, Any] | None:
@@ -157,9 +174,19 @@ def collect(args: EnsembleArgs) -> dict[str, Any]:
             ev / f"retrain_{name}_test" / "metrics.json", f"retrain_{name}/test"
         )
     base = read_json(ROOT / args.baselines_json)["results"]
+    retrain = ROOT / args.sasrec_retrain_json
+    base_retrain = read_json(retrain)["results"] if retrain.exists() else {}
     for split in ("valid", "test"):
-        for label, key in (("Popularity", "Popularity"), ("SASRec (CE, tied)", "SASRec")):
-            r = base.get(f"{key}/{split}")
+        for label, key, src in (
+            ("Popularity", "popularity", base),
+            ("SASRec (CE, tied), validation-selected", "sasrec", base),
+            (
+                "SASRec (CE, tied), retrained on train + valid",
+                "sasrec",
+                base_retrain if split == "test" else {},
+            ),
+        ):
+            r = src.get(f"{key}/{split}")
             if r:
                 rows[split][f"*{label}*"] = {m: r["metrics"][m] for m in METRICS if m in r["metrics"]}
         rows[split] = {k: v for k, v in rows[split].items() if v}
